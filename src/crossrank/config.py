@@ -137,6 +137,9 @@ class TeacherConfig(TrainingConfig):
     input: InputSpec = InputSpec(extra_fields=("material", "description"), max_length=96)
     batch_size: int = Field(default=32, ge=1)
     max_train_queries: int | None = Field(default=None, ge=1, description="train on a hash-chosen subset")
+    num_random_negatives: int = Field(
+        default=1, ge=0, description="random unjudged training items per query, added with label 0"
+    )
 
 
 class AugmentConfig(StageConfig):
@@ -164,11 +167,75 @@ class StudentConfig(TrainingConfig):
     use_augmented: bool = True
 
 
+class GateConfig(StageConfig):
+    """Thresholds of the offline gate and the export options it checks."""
+
+    min_ndcg_gain_share: float = Field(
+        default=0.9, description="student NDCG@10 >= BM25 + share x (teacher - BM25)"
+    )
+    min_pairwise_gain_share: float = Field(default=0.9, description="the same for pairwise accuracy")
+    max_parity_abs_diff: float = Field(default=1e-4, gt=0.0, description="PyTorch vs ONNX logits")
+    max_int8_ndcg_drop: float = Field(default=0.005, ge=0.0, description="relative test NDCG@10 drop of int8")
+    min_int8_ranking_agreement: float = Field(default=0.95, ge=0.0, le=1.0)
+    max_latency_p50_ms: float = Field(default=100.0, gt=0.0, description="scoring 100 candidates, one request")
+    precision: Literal["fp32", "int8"] = "fp32"
+    optimize: bool = Field(default=True, description="fuse attention and layer norm with ONNX Runtime")
+    registered_model: str = "crossrank-student"
+    num_latency_runs: int = Field(default=30, ge=3)
+
+
+class ServingConfig(StageConfig):
+    """What the serving stores precompute for the bundle."""
+
+    num_cached_queries: int = Field(default=1000, ge=0, description="head queries whose judged items are cached")
+    query_log: str = Field(default="", description="CSV with query,count; empty ranks queries by judgments")
+
+
 class TrackingConfig(StageConfig):
     """Destination of MLflow runs when MLFLOW_TRACKING_URI is not set."""
 
     experiment: str = "crossrank"
     store: str = Field(default="mlflow", description="folder of the SQLite store and artifacts")
+
+
+DriftMethod = Literal["ks", "t_test", "wasserstein", "psi", "jensenshannon"]
+
+
+class MonitorConfig(StageConfig):
+    """Window, sample sizes and drift tests of the job that compares served scores with the reference.
+
+    A threshold's meaning depends on its method, as in Evidently 0.7. With the p-value
+    tests (`ks`, `t_test`) a column drifts when the p-value is below the threshold, or
+    at it for `ks`. With the distances (`wasserstein` normed by the reference standard
+    deviation, `psi`, `jensenshannon`) it drifts when the distance reaches the threshold.
+    """
+
+    window_hours: float = Field(default=1.0, gt=0.0, description="hours of served scores, ending now, that are compared")
+    min_samples: int = Field(
+        default=100, ge=2, description="fewer records in the window give the verdict 'insufficient data'"
+    )
+    large_sample_size: int = Field(
+        default=1000, ge=2, description="when both samples have at least this many values, large_method is used"
+    )
+    small_method: DriftMethod = "ks"
+    small_threshold: float = Field(default=0.05, gt=0.0)
+    large_method: DriftMethod = "wasserstein"
+    large_threshold: float = Field(default=0.1, gt=0.0)
+    fallback_threshold: float = Field(
+        default=0.1,
+        gt=0.0,
+        description="normed Wasserstein distance at which a column drifts when its method returns NaN",
+    )
+
+
+class ExportConfig(StageConfig):
+    """Options of the ONNX export; precision, fusion and the thresholds are in GateConfig."""
+
+    model_name: str = Field(default="crossrank-student", min_length=1, description="`model_name` in the bundle's config.json")
+    opset: int = Field(default=17, ge=14, le=20, description="ONNX opset of the TorchScript exporter")
+    num_parity_pairs: int = Field(
+        default=256, ge=2, description="validation pairs scored in one padded batch by PyTorch and ONNX Runtime"
+    )
 
 
 class Params(StageConfig):
@@ -184,7 +251,10 @@ class Params(StageConfig):
     teacher: TeacherConfig = TeacherConfig()
     augment: AugmentConfig = AugmentConfig()
     student: StudentConfig = StudentConfig()
+    gate: GateConfig = GateConfig()
+    serving: ServingConfig = ServingConfig()
     tracking: TrackingConfig = TrackingConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -218,6 +288,30 @@ def resolve_profile(raw: dict[str, Any], profile: str | None = None) -> dict[str
     return resolved
 
 
+def parse_params(text: str, profile: str | None = None, source: str = "params.yaml") -> Params:
+    """Parse the text of a parameter file, apply the profile and validate every section.
+
+    Raises ConfigError naming `source` and the offending key when the text is not
+    YAML or a value is invalid.
+    """
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must hold a mapping of sections, got {type(raw).__name__}")
+
+    resolved = resolve_profile(raw, profile)
+    try:
+        return Params.model_validate(resolved)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in err.errors()
+        )
+        raise ConfigError(f"invalid parameters in {source} (profile {resolved['profile']}): {problems}") from err
+
+
 def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
     """Read `params.yaml`, apply the profile and validate every section.
 
@@ -230,19 +324,4 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
             f"parameter file not found: {path.resolve()}; run crossrank from the project "
             "root or pass --params PATH"
         )
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
-
-    resolved = resolve_profile(raw, profile)
-    try:
-        return Params.model_validate(resolved)
-    except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
-            for error in err.errors()
-        )
-        raise ConfigError(f"invalid parameters in {path} (profile {resolved['profile']}): {problems}") from err
+    return parse_params(path.read_text(encoding="utf-8"), profile, str(path))

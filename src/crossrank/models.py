@@ -73,6 +73,7 @@ def load_classifier(folder: Path, num_layers: int | None = None) -> PreTrainedMo
     # pooler or layers at WARNING; that is expected here, so keep it out of the log.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(folder, config=config)
     finally:

@@ -54,6 +54,51 @@ class Layout:
     def score_file(self, model: str) -> Path:
         return self.scores / f"{model}.parquet"
 
+    def checkpoint(self, model: str) -> Path:
+        return self.root / "artifacts" / "models" / model
+
+    @property
+    def augmented_shards(self) -> Path:
+        return self.root / "artifacts" / "augmented" / "shards"
+
+    @property
+    def labeled_pairs(self) -> Path:
+        return self.root / "artifacts" / "augmented" / "labeled_pairs.parquet"
+
+    def training_metrics(self, model: str) -> Path:
+        return self.root / "metrics" / f"{model}_training.json"
+
+    def training_curve(self, model: str) -> Path:
+        return self.root / "reports" / "plots" / f"{model}_curve.csv"
+
+    @property
+    def bundle(self) -> Path:
+        return self.root / "artifacts" / "bundle"
+
+    @property
+    def gate_decision(self) -> Path:
+        return self.root / "metrics" / "gate.json"
+
+    @property
+    def model_card(self) -> Path:
+        return self.root / "reports" / "model_card.md"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "reports" / "registry.json"
+
+    @property
+    def token_store(self) -> Path:
+        return self.root / "artifacts" / "serving" / "token_store.sqlite"
+
+    @property
+    def score_cache(self) -> Path:
+        return self.root / "artifacts" / "serving" / "score_cache.sqlite"
+
+    @property
+    def serving_stats(self) -> Path:
+        return self.root / "metrics" / "serving_stores.json"
+
     @property
     def metrics(self) -> Path:
         return self.root / "metrics"

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from crossrank import schema
@@ -174,4 +175,355 @@ def run_evaluate(
     return rows
 
 
-__all__ = ["SPLITS", "run_bm25", "run_evaluate", "run_ingest", "run_split", "run_validate"]
+def _write_curve(result: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(result.history).to_csv(path, index=False)
+
+
+def _score_test(checkpoint: Path, test: Path, model: str, out: Path) -> None:
+    from crossrank.models import CrossEncoder, sigmoid
+
+    encoder = CrossEncoder.load(checkpoint)
+    frame = read_table(test)
+    logits = encoder.predict_logits(frame[schema.QUERY].tolist(), frame.to_dict("records"), progress=True)
+    scores = frame[[schema.QUERY_ID, schema.ITEM_ID]].assign(**{f"{model}_logit": logits, f"{model}_score": sigmoid(logits)})
+    write_table(scores, out)
+
+
+def run_train_teacher(
+    params: Params,
+    train: Path,
+    validation: Path,
+    test: Path,
+    checkpoint: Path,
+    scores: Path,
+    metrics: Path,
+    curve: Path,
+    root: Path = Path("."),
+) -> dict[str, Any]:
+    """Fine-tune the teacher, then score the test split with its best checkpoint."""
+    from crossrank.training import train_teacher
+
+    with stage_run("train_teacher", params.tracking, params.profile, params.teacher.model_dump(), root) as run:
+        result = train_teacher(
+            read_table(train), read_table(validation), params.teacher, params.evaluate, checkpoint, run
+        )
+        summary = result.summary()
+        write_json(summary, metrics)
+        _write_curve(result, curve)
+        _score_test(checkpoint, test, "teacher", scores)
+
+        run.log_metrics(summary)
+        run.log_artifact(curve)
+    return summary
+
+
+def _pairs_to_label(params: Params, train: Path, catalog: Path) -> pd.DataFrame:
+    from crossrank.ingest import sample_queries
+    from crossrank.labeling import ORIGIN, generate_pairs
+
+    judged = read_table(train)
+    if params.augment.max_queries is not None:
+        judged = sample_queries(judged, params.augment.max_queries)
+    generated = generate_pairs(judged, read_table(catalog), params.augment, params.bm25)
+    return pd.concat([judged.assign(**{ORIGIN: "judged"}), generated], ignore_index=True)
+
+
+def _log_labeled(run: Any, labeled: pd.DataFrame, started: float) -> None:
+    from crossrank.labeling import ORIGIN
+
+    counts = labeled[ORIGIN].value_counts().to_dict()
+    run.log_metrics(
+        {
+            "num_pairs": len(labeled),
+            **{f"num_{origin}": count for origin, count in counts.items()},
+            "mean_teacher_score": float(labeled["teacher_score"].mean()),
+            "duration_s": time.perf_counter() - started,
+        }
+    )
+
+
+def run_label_augmented(
+    params: Params,
+    train: Path,
+    catalog: Path,
+    teacher: Path,
+    shard_dir: Path,
+    out: Path,
+    root: Path = Path("."),
+) -> pd.DataFrame:
+    """Generate pairs for the training queries and label them, with the judged pairs, by the teacher.
+
+    The output has every judged training pair (`origin` "judged", with its label)
+    and every generated pair (label NaN), each with `teacher_logit` and `teacher_score`.
+    Shards are scored by parallel worker processes and resume after a crash.
+    """
+    from crossrank.labeling import label_pairs
+
+    with stage_run("label_augmented", params.tracking, params.profile, params.augment.model_dump(), root) as run:
+        started = time.perf_counter()
+        labeled = label_pairs(_pairs_to_label(params, train, catalog), teacher, shard_dir, params.augment)
+        write_table(labeled, out)
+        _log_labeled(run, labeled, started)
+    return labeled
+
+
+def run_generate_pairs(params: Params, train: Path, catalog: Path, out: Path, root: Path = Path(".")) -> int:
+    """Write the judged and generated pairs that the teacher will label; return their count."""
+    with stage_run("generate_pairs", params.tracking, params.profile, params.augment.model_dump(), root) as run:
+        pairs = _pairs_to_label(params, train, catalog)
+        write_table(pairs, out)
+        run.log_metrics({"num_pairs": len(pairs)})
+    return len(pairs)
+
+
+def run_label_shard(params: Params, pairs: Path, teacher: Path, shard: int, out: Path, root: Path = Path(".")) -> None:
+    """Label one shard of the pairs with the teacher (one task of a fan-out)."""
+    from crossrank.labeling import label_shard
+
+    config = params.augment
+    with stage_run(f"label_shard_{shard}", params.tracking, params.profile, {"shard": shard}, root) as run:
+        labeled = label_shard(read_table(pairs), teacher, shard, config.num_shards, config.batch_size)
+        write_table(labeled, out)
+        run.log_metrics({"num_pairs": len(labeled)})
+
+
+def run_merge_labels(params: Params, shards: list[Path], out: Path, root: Path = Path(".")) -> pd.DataFrame:
+    """Join labeled shards into one table, in the row order `label_pairs` gives."""
+    from crossrank.labeling import SHARD_COLUMN
+
+    with stage_run("label_augmented", params.tracking, params.profile, params.augment.model_dump(), root) as run:
+        started = time.perf_counter()
+        parts = sorted((read_table(path) for path in shards), key=lambda part: int(part[SHARD_COLUMN].iloc[0]) if len(part) else -1)
+        labeled = pd.concat(parts, ignore_index=True)
+        write_table(labeled, out)
+        _log_labeled(run, labeled, started)
+    return labeled
+
+
+def run_distill_student(
+    params: Params,
+    pairs: Path,
+    validation: Path,
+    test: Path,
+    checkpoint: Path,
+    scores: Path,
+    metrics: Path,
+    curve: Path,
+    root: Path = Path("."),
+) -> dict[str, Any]:
+    """Distill the student from the teacher-labeled pairs, then score the test split."""
+    from crossrank.labeling import ORIGIN
+    from crossrank.training import distill_student
+
+    config = params.student
+    with stage_run("distill_student", params.tracking, params.profile, config.model_dump(), root) as run:
+        frame = read_table(pairs)
+        if not config.use_augmented:
+            frame = frame[frame[ORIGIN] == "judged"].reset_index(drop=True)
+        result = distill_student(frame, read_table(validation), config, params.evaluate, checkpoint, run)
+        summary = result.summary()
+        write_json(summary, metrics)
+        _write_curve(result, curve)
+        _score_test(checkpoint, test, "student", scores)
+
+        run.log_metrics(summary)
+        run.log_artifact(curve)
+    return summary
+
+
+def _reference(bundle_scores: Any, test: pd.DataFrame, teacher_scores: pd.DataFrame, spec: Any, model_version: str) -> dict[str, Any]:
+    teacher = test.merge(teacher_scores, on=[schema.QUERY_ID, schema.ITEM_ID], how="left")["teacher_score"]
+    missing = (test[list(spec.attributes)].astype(str) == "").sum(axis=1)
+    return {
+        "model_version": model_version,
+        "scores": [float(v) for v in bundle_scores],
+        "teacher_scores": [float(v) for v in teacher.fillna(0.0)],
+        "query_num_tokens": [len(q.split()) for q in test[schema.QUERY]],
+        "num_missing_attributes": [int(v) for v in missing],
+    }
+
+
+def _latency_p50_ms(bundle: Any, test: pd.DataFrame, num_runs: int) -> float:
+    # One request of 100 candidates for one real query: the serving shape.
+    query = str(test[schema.QUERY].iloc[0])
+    products = (test.to_dict("records") * (100 // max(len(test), 1) + 1))[:100]
+    bundle.score([query] * 100, products)  # warm-up
+    timings = []
+    for _ in range(num_runs):
+        started = time.perf_counter()
+        bundle.score([query] * 100, products)
+        timings.append((time.perf_counter() - started) * 1000)
+    return float(np.median(timings))
+
+
+def run_gate_export(
+    params: Params,
+    student: Path,
+    validation: Path,
+    test: Path,
+    teacher_scores: Path,
+    metrics_dir: Path,
+    bundle_out: Path,
+    decision_out: Path,
+    model_card_out: Path,
+    root: Path = Path("."),
+) -> str:
+    """Export the student to ONNX, measure every gate check, write the bundle and the decision.
+
+    The bundle is written whatever the verdict, so a rejected student can be
+    inspected; `decision_out` says whether it may ship. Returns "accept" or "reject".
+    """
+    import shutil
+    import tempfile
+
+    from crossrank.bundle import load_bundle
+    from crossrank.evaluation import evaluate_scores
+    from crossrank.export import check_parity, export_onnx, optimize_onnx, quantize_int8, ranking_agreement, write_bundle
+    from crossrank.gate import decide
+    from crossrank.model_card import render_model_card
+    from crossrank.tracking import data_version, git_commit
+
+    config = params.gate
+    with stage_run("gate_export", params.tracking, params.profile, config.model_dump(), root) as run:
+        work = Path(tempfile.mkdtemp(prefix="crossrank-export-"))
+        test_frame = read_table(test)
+        queries, products = test_frame[schema.QUERY].tolist(), test_frame.to_dict("records")
+
+        # Export and parity on real validation pairs, in one batch with mixed padding.
+        sample = read_table(validation).head(64)
+        graph = export_onnx(student, work / "model.fp32.onnx")
+        parity = [check_parity(student, graph, sample[schema.QUERY].tolist(), sample.to_dict("records"))["max_abs_diff"]]
+        if config.optimize:
+            graph = optimize_onnx(graph, work / "model.optimized.onnx")
+            parity.append(check_parity(student, graph, sample[schema.QUERY].tolist(), sample.to_dict("records"))["max_abs_diff"])
+
+        # fp32 scores of the test split, then the int8 graph against them.
+        fp32_bundle = load_bundle(write_bundle(graph, student, work / "fp32", config.registered_model))
+        fp32_scores = fp32_bundle.score(queries, products)
+        final_graph, int8_drop, int8_agreement = graph, None, None
+        if config.precision == "int8":
+            final_graph = quantize_int8(graph, work / "model.int8.onnx")
+            int8_scores = load_bundle(write_bundle(final_graph, student, work / "int8", config.registered_model)).score(queries, products)
+            ndcg = {
+                name: evaluate_scores(test_frame.assign(s=scores), "s", params.evaluate, calibrated=True)["all"]["ndcg@10"]
+                for name, scores in (("fp32", fp32_scores), ("int8", int8_scores))
+            }
+            int8_drop = (ndcg["fp32"] - ndcg["int8"]) / ndcg["fp32"]
+            int8_agreement = ranking_agreement(fp32_scores, int8_scores, test_frame[schema.QUERY_ID].tolist())
+
+        # The shipped graph: latency, reference scores, then the decision.
+        candidate = load_bundle(write_bundle(final_graph, student, work / "final", config.registered_model))
+        latency = _latency_p50_ms(candidate, test_frame, config.num_latency_runs)
+        results = {model: json.loads((metrics_dir / f"{model}.json").read_text(encoding="utf-8")) for model in ("random", "bm25", "teacher", "student")}
+        decision = decide(results, max(parity), int8_drop, int8_agreement, latency, config).to_dict()
+        model_version = candidate.config.model_version
+        reference = _reference(candidate.score(queries, products), test_frame, read_table(teacher_scores), candidate.builder.spec, model_version)
+
+        # The bundle with its metrics, reference and versions, and the model card.
+        versions = {"data_version": data_version(root), "code_version": git_commit(root)}
+        if bundle_out.exists():
+            shutil.rmtree(bundle_out)
+        write_bundle(
+            final_graph,
+            student,
+            bundle_out,
+            config.registered_model,
+            model_version=model_version,
+            extra_files={
+                "metrics.json": {"results": results, "gate": decision},
+                "reference.json": reference,
+                "versions.json": {**versions, "params": params.model_dump(mode="json", by_alias=True)},
+            },
+        )
+        write_json(decision, decision_out)
+        card = render_model_card(
+            config.registered_model,
+            model_version,
+            results,
+            decision,
+            {"profile": params.profile, "adapter": params.data.adapter, "num_test_pairs": len(test_frame)},
+            versions,
+        )
+        model_card_out.parent.mkdir(parents=True, exist_ok=True)
+        model_card_out.write_text(card, encoding="utf-8")
+        shutil.rmtree(work, ignore_errors=True)
+
+        run.log_metrics({name: check["value"] for name, check in decision["checks"].items() if check["value"] is not None})
+        run.log_dict(decision, "gate_decision.json")
+        run.log_artifact(model_card_out)
+        run.log_artifact(bundle_out / "reference.json", "reference")
+        mlflow_tags = {"crossrank.gate_verdict": decision["verdict"], "crossrank.model_version": model_version}
+        import mlflow
+
+        mlflow.set_tags(mlflow_tags)
+    return decision["verdict"]
+
+
+def run_register(
+    params: Params, bundle: Path, accepted: bool | Path, model_card: Path, out: Path, root: Path = Path(".")
+) -> dict[str, Any]:
+    """Register the bundle as a new model version; move `champion` only when accepted.
+
+    `accepted` is the verdict itself or the path of the gate's decision file.
+    """
+    from crossrank.bundle import load_bundle
+    from crossrank.tracking import register_bundle
+
+    if isinstance(accepted, Path):
+        accepted = json.loads(accepted.read_text(encoding="utf-8"))["verdict"] == "accept"
+    loaded = load_bundle(bundle)
+    with stage_run("register", params.tracking, params.profile, {"registered_model": params.gate.registered_model}, root) as run:
+        registered = register_bundle(
+            run,
+            bundle,
+            params.gate.registered_model,
+            accepted,
+            model_card.read_text(encoding="utf-8"),
+            tags={"model_version": loaded.config.model_version, "gate_verdict": "accept" if accepted else "reject"},
+        )
+        run.log_artifact(model_card)
+        write_json(registered, out)
+    return registered
+
+
+def run_build_serving_stores(
+    params: Params, catalog: Path, judgments: Path, bundle: Path, token_store: Path, score_cache: Path, root: Path = Path(".")
+) -> dict[str, Any]:
+    """Build or refresh the item token store and the head-query score cache for a bundle.
+
+    The token store keeps each catalog item's token ids, so a request of item ids
+    tokenizes only the query; a refresh tokenizes only new or changed items. The
+    score cache holds the bundle's scores for the judged items of head queries.
+    """
+    from dataclasses import asdict
+
+    from crossrank.serving.score_cache import build_score_cache
+    from crossrank.serving.token_store import build_token_store
+
+    config = params.serving
+    with stage_run("build_serving_stores", params.tracking, params.profile, config.model_dump(), root) as run:
+        tokens = asdict(build_token_store(read_table(catalog), bundle, token_store))
+        cache = asdict(
+            build_score_cache(
+                read_table(judgments), bundle, score_cache, config.query_log or None, config.num_cached_queries
+            )
+        )
+        stats = {"token_store": tokens, "score_cache": cache}
+        run.log_metrics(stats)
+    return stats
+
+
+__all__ = [
+    "SPLITS",
+    "run_bm25",
+    "run_distill_student",
+    "run_evaluate",
+    "run_gate_export",
+    "run_register",
+    "run_ingest",
+    "run_label_augmented",
+    "run_split",
+    "run_train_teacher",
+    "run_validate",
+]

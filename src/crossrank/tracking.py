@@ -95,7 +95,7 @@ def _experiment_id(config: TrackingConfig) -> str:
         # With SQLite, MLflow would put artifacts under ./mlruns of whatever folder the
         # first run starts in; keep them next to the database file instead.
         database = Path(uri.removeprefix("sqlite:///"))
-        artifact_location = (database.parent / "artifacts").resolve().as_uri()
+        artifact_location = (database.parent / "mlartifacts").resolve().as_uri()
     return mlflow.create_experiment(config.experiment, artifact_location=artifact_location)
 
 
@@ -107,6 +107,59 @@ def _tags(profile: str, root: Path) -> dict[str, str]:
     }
 
 
+RUN_KEY_TAG = "crossrank.run_key"
+
+
+def start_pipeline_run(
+    config: TrackingConfig, profile: str, root: Path = Path("."), run_name: str = "pipeline", run_key: str = ""
+) -> str:
+    """Create the parent run of a pipeline run and return its id; it stays RUNNING.
+
+    `run_key`, when given, is stored as a tag so a task that cannot receive the run
+    id (a KFP exit handler) can find the run.
+    """
+    mlflow.set_tracking_uri(tracking_uri(config, root))
+    experiment_id = _experiment_id(config)
+    tags = _tags(profile, root)
+    if run_key:
+        tags[RUN_KEY_TAG] = run_key
+    run = mlflow.MlflowClient().create_run(experiment_id, run_name=run_name, tags=tags)
+    logger.info("MLflow parent run %s in %s", run.info.run_id, mlflow.get_tracking_uri())
+    return run.info.run_id
+
+
+def end_pipeline_run(run_id: str, succeeded: bool) -> None:
+    """Mark a parent run FINISHED or FAILED."""
+    status = RunStatus.FINISHED if succeeded else RunStatus.FAILED
+    mlflow.MlflowClient().set_terminated(run_id, status=RunStatus.to_string(status))
+
+
+def _runs_with_key(config: TrackingConfig, run_key: str, root: Path) -> list[Any]:
+    mlflow.set_tracking_uri(tracking_uri(config, root))
+    experiment = mlflow.get_experiment_by_name(config.experiment)
+    if experiment is None:
+        return []
+    return mlflow.MlflowClient().search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'"
+    )
+
+
+def find_pipeline_run(config: TrackingConfig, run_key: str, root: Path = Path(".")) -> str | None:
+    """Return the id of the parent run tagged with `run_key`, or None."""
+    runs = _runs_with_key(config, run_key, root)
+    return runs[0].info.run_id if runs else None
+
+
+def end_pipeline_run_by_key(config: TrackingConfig, run_key: str, succeeded: bool, root: Path = Path(".")) -> None:
+    """Mark the parent run tagged with `run_key` FINISHED or FAILED; log a warning if none exists."""
+    runs = _runs_with_key(config, run_key, root)
+    if not runs:
+        logger.warning("no MLflow parent run has run key %s; nothing to close", run_key)
+        return
+    for run in runs:
+        end_pipeline_run(run.info.run_id, succeeded)
+
+
 @contextlib.contextmanager
 def pipeline_run(
     config: TrackingConfig, profile: str, root: Path = Path("."), run_name: str = "pipeline"
@@ -116,17 +169,13 @@ def pipeline_run(
     The run ends FAILED when the body raises (or exits non-zero through SystemExit),
     FINISHED otherwise.
     """
-    mlflow.set_tracking_uri(tracking_uri(config, root))
-    experiment_id = _experiment_id(config)
-    client = mlflow.MlflowClient()
-    run = client.create_run(experiment_id, run_name=run_name, tags=_tags(profile, root))
-    logger.info("MLflow parent run %s in %s", run.info.run_id, mlflow.get_tracking_uri())
-    status = RunStatus.to_string(RunStatus.FAILED)
+    run_id = start_pipeline_run(config, profile, root, run_name)
+    succeeded = False
     try:
-        yield run.info.run_id
-        status = RunStatus.to_string(RunStatus.FINISHED)
+        yield run_id
+        succeeded = True
     finally:
-        client.set_terminated(run.info.run_id, status=status)
+        end_pipeline_run(run_id, succeeded)
 
 
 class StageRun:
@@ -187,3 +236,63 @@ def stage_run(
         if params:
             tracked.log_params(params)
         yield tracked
+
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PREVIOUS_CHAMPION = "previous-champion"
+
+
+def register_bundle(
+    run: StageRun,
+    bundle_dir: Path,
+    registered_model: str,
+    accepted: bool,
+    description: str,
+    tags: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Log a model bundle to the run and register it as a new model version.
+
+    The new version gets the alias `challenger`. Only when the gate `accepted` it,
+    the alias `champion` moves to it, and the version that held `champion` before
+    keeps `previous-champion`, so a rollback is one alias move. `description` (the
+    model card, Markdown) becomes the version's description in the MLflow UI.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    run.log_artifact(bundle_dir, "bundle")
+    source = f"{mlflow.get_run(run.run_id).info.artifact_uri}/bundle"
+    try:
+        client.create_registered_model(registered_model, description="crossrank student cross-encoder bundles")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(
+        registered_model, source, run_id=run.run_id, description=description, tags=dict(tags or {})
+    )
+    client.set_registered_model_alias(registered_model, CHALLENGER, version.version)
+
+    previous = None
+    if accepted:
+        try:
+            previous = client.get_model_version_by_alias(registered_model, CHAMPION).version
+        except MlflowException:
+            previous = None
+        if previous is not None and previous != version.version:
+            client.set_registered_model_alias(registered_model, PREVIOUS_CHAMPION, previous)
+        client.set_registered_model_alias(registered_model, CHAMPION, version.version)
+    logger.info(
+        "registered %s version %s (%s)%s",
+        registered_model,
+        version.version,
+        "champion" if accepted else "challenger only",
+        f"; previous champion {previous}" if previous else "",
+    )
+    return {
+        "registered_model": registered_model,
+        "version": version.version,
+        "champion": accepted,
+        "previous_champion": previous,
+        "source": source,
+    }

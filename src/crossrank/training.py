@@ -66,6 +66,28 @@ class TrainResult:
     num_steps: int
     duration_s: float
     history: list[dict[str, float]] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def initial_loss(self) -> float:
+        """Mean loss of the first ten steps."""
+        return float(np.mean(self.losses[:10]))
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss of the last ten steps."""
+        return float(np.mean(self.losses[-10:]))
+
+    def summary(self) -> dict[str, float | int]:
+        """Return the numbers worth logging: best NDCG@10, steps, losses and duration."""
+        return {
+            "best_validation_ndcg@10": self.best_ndcg,
+            "best_step": self.best_step,
+            "num_steps": self.num_steps,
+            "initial_loss": self.initial_loss,
+            "final_loss": self.final_loss,
+            "duration_s": self.duration_s,
+        }
 
 
 def _seed_everything(seed: int) -> None:
@@ -111,6 +133,7 @@ def train_loop(
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * num_steps), num_steps)
     history: list[dict[str, float]] = []
+    losses: list[float] = []
     best_ndcg, best_step, evals_without_gain, step = -math.inf, 0, 0, 0
     smoothed_loss: float | None = None
 
@@ -144,6 +167,7 @@ def train_loop(
             progress.update(1)
 
             value = float(loss.detach())
+            losses.append(value)
             smoothed_loss = value if smoothed_loss is None else 0.95 * smoothed_loss + 0.05 * value
             if run is not None and step % 10 == 0:
                 run.log_metrics({"train_loss": smoothed_loss}, step=step)
@@ -153,12 +177,9 @@ def train_loop(
                 break
         epoch += 1
     progress.close()
-    if history[-1]["step"] != step:
-        history.append({"step": step, "loss": smoothed_loss or 0.0, "validation_ndcg@10": float("nan")})
-
     duration = time.perf_counter() - started
     logger.info("%s: best validation NDCG@10 %.4f at step %d of %d (%.0f s)", name, best_ndcg, best_step, step, duration)
-    return TrainResult(out_dir, best_ndcg, best_step, step, duration, history)
+    return TrainResult(out_dir, best_ndcg, best_step, step, duration, history, losses)
 
 
 def _length_bucketed(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -171,6 +192,28 @@ def _length_bucketed(order: np.ndarray, lengths: np.ndarray, batch_size: int, rn
         batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
     rng.shuffle(batches)
     return batches
+
+
+def add_random_negatives(train: pd.DataFrame, per_query: int, seed: int) -> pd.DataFrame:
+    """Append `per_query` random items of the training table to each query, with label 0.
+
+    Human judgments cover retrieved, mostly relevant products; a few random products
+    per query teach the model what an unrelated product looks like. Items the query
+    already has a judgment for are never drawn. The new rows have `raw_label` "".
+    """
+    if per_query == 0:
+        return train
+    rng = np.random.default_rng(seed)
+    items = train.drop_duplicates(schema.ITEM_ID).reset_index(drop=True)
+    judged = train.groupby(schema.QUERY_ID)[schema.ITEM_ID].agg(set).to_dict()
+    rows = []
+    for query_id, query in train.drop_duplicates(schema.QUERY_ID)[[schema.QUERY_ID, schema.QUERY]].itertuples(index=False):
+        drawn = [i for i in rng.choice(len(items), size=min(len(items), per_query + 5), replace=False) if items.at[i, schema.ITEM_ID] not in judged[query_id]]
+        for i in drawn[:per_query]:
+            rows.append({**items.iloc[i].to_dict(), schema.QUERY_ID: query_id, schema.QUERY: query, schema.LABEL: 0.0, schema.RAW_LABEL: ""})
+    negatives = pd.DataFrame(rows, columns=train.columns)
+    logger.info("added %d random negatives (%d per query)", len(negatives), per_query)
+    return pd.concat([train, negatives], ignore_index=True)
 
 
 def train_teacher(
@@ -193,6 +236,7 @@ def train_teacher(
     if train.empty:
         raise DataError("the training split has no judgments; check data.max_queries and the split fractions")
     validation = _validation_subset(validation, config)
+    train = add_random_negatives(train, config.num_random_negatives, config.seed)
 
     encoder = CrossEncoder.from_backbone(config.backbone, config.input, config.num_layers)
     encoded = encoder.builder.encode_pairs(train[schema.QUERY].tolist(), train.to_dict("records"))
