@@ -1,4 +1,4 @@
-"""Registry aliases and what a reviewer sees through a real `mlflow server`."""
+"""Registry aliases and the runs a reviewer finds through a real `mlflow server`."""
 
 import json
 import socket

@@ -185,7 +185,7 @@ class GateConfig(StageConfig):
 
 
 class ServingConfig(StageConfig):
-    """What the serving stores precompute for the bundle."""
+    """Settings of the serving stores precomputed for the bundle."""
 
     num_cached_queries: int = Field(default=1000, ge=0, description="head queries whose judged items are cached")
     query_log: str = Field(default="", description="CSV with query,count; empty ranks queries by judgments")
