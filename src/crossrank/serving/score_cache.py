@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from crossrank import schema
 from crossrank.bundle import load_bundle
 from crossrank.errors import CrossrankError, DataError
 from crossrank.ingest import normalize_query
+from crossrank.serving.sqlite_file import ReadOnlyConnections, write_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -159,12 +159,7 @@ def build_score_cache(
 
 
 def _write_cache(path: Path, model_version: str, rows: list[tuple[str, str, str, float]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    connection = sqlite3.connect(path, isolation_level=None)
-    try:
-        connection.execute("BEGIN IMMEDIATE")
-        for statement in _CREATE_TABLES:
-            connection.execute(statement)
+    with write_transaction(path, _CREATE_TABLES) as connection:
         connection.execute("DELETE FROM scores")
         connection.executemany(
             "INSERT INTO scores (model_version, query, item_id, score) VALUES (?, ?, ?, ?)", rows
@@ -175,13 +170,6 @@ def _write_cache(path: Path, model_version: str, rows: list[tuple[str, str, str,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         connection.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta.items())
-        connection.execute("COMMIT")
-    except BaseException:
-        if connection.in_transaction:
-            connection.execute("ROLLBACK")
-        raise
-    finally:
-        connection.close()
 
 
 class ScoreCache:
@@ -194,11 +182,9 @@ class ScoreCache:
                 f"score cache not found: {self.path}; build it with build_score_cache or start the "
                 "server without a score cache"
             )
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        self._connections = ReadOnlyConnections(self.path)
         try:
-            meta = dict(self._connection().execute("SELECT key, value FROM meta").fetchall())
+            meta = dict(self._connections.get().execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as err:
             raise ScoreCacheError(f"{self.path} is not a score cache ({err}); build it with build_score_cache") from err
         if meta.get("schema_version") != str(SCHEMA_VERSION):
@@ -208,24 +194,14 @@ class ScoreCache:
             )
         self.model_version = meta["model_version"]
 
-    def _connection(self) -> sqlite3.Connection:
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            # check_same_thread=False only lets `close` run from another thread.
-            connection = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
-            self._local.connection = connection
-            with self._lock:
-                self._connections.append(connection)
-        return connection
-
     def count(self, model_version: str) -> int:
         """Return the number of cached pairs of one model version."""
         query = "SELECT COUNT(*) FROM scores WHERE model_version = ?"
-        return self._connection().execute(query, (model_version,)).fetchone()[0]
+        return self._connections.get().execute(query, (model_version,)).fetchone()[0]
 
     def lookup(self, normalized_query: str, model_version: str) -> dict[str, float]:
         """Return the cached scores of a normalized query by item_id; empty for an unknown query."""
-        rows = self._connection().execute(
+        rows = self._connections.get().execute(
             "SELECT item_id, score FROM scores WHERE model_version = ? AND query = ?",
             (model_version, normalized_query),
         )
@@ -233,8 +209,4 @@ class ScoreCache:
 
     def close(self) -> None:
         """Close the connections of all threads."""
-        with self._lock:
-            for connection in self._connections:
-                connection.close()
-            self._connections.clear()
-        self._local = threading.local()
+        self._connections.close()

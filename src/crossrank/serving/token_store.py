@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -38,6 +37,7 @@ from crossrank import schema
 from crossrank.bundle import TOKENIZER_FILE, Bundle, file_sha256, load_bundle
 from crossrank.errors import CrossrankError, DataError
 from crossrank.features import InputSpec
+from crossrank.serving.sqlite_file import ReadOnlyConnections, write_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -189,14 +189,8 @@ def _write_store(
     item_ids, products = _catalog_products(catalog, spec.fields)
     hashes = [fields_sha256(product, spec.fields) for product in products]
 
-    store_path.parent.mkdir(parents=True, exist_ok=True)
-    connection = sqlite3.connect(store_path, isolation_level=None)
-    try:
-        # One write transaction from the first read to the meta update.
-        connection.execute("BEGIN IMMEDIATE")
-        for statement in _CREATE_TABLES:
-            connection.execute(statement)
-
+    # One write transaction from the first read to the meta update.
+    with write_transaction(store_path, _CREATE_TABLES) as connection:
         # Stored hashes count only when the ids came from the same tokenizer and spec.
         stored = dict(connection.execute("SELECT item_id, fields_sha256 FROM items").fetchall())
         meta = _read_meta(connection)
@@ -235,13 +229,6 @@ def _write_store(
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         connection.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", new_meta.items())
-        connection.execute("COMMIT")
-    except BaseException:
-        if connection.in_transaction:
-            connection.execute("ROLLBACK")
-        raise
-    finally:
-        connection.close()
 
     stats = TokenStoreStats(
         num_items=len(item_ids),
@@ -280,28 +267,13 @@ class TokenStore:
                 f"token store not found: {self.path}; build it with build_token_store "
                 "(crossrank build-token-store) or start the server without a token store"
             )
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        self._connections = ReadOnlyConnections(self.path)
         self.meta = self._load_meta()
         self.num_fields = len(self.meta.input_spec.fields)
 
-    def _connection(self) -> sqlite3.Connection:
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            # Autocommit mode, so the explicit BEGIN in `get` controls the read transaction;
-            # check_same_thread=False only lets `close` run from another thread.
-            connection = sqlite3.connect(
-                f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
-            )
-            self._local.connection = connection
-            with self._lock:
-                self._connections.append(connection)
-        return connection
-
     def _load_meta(self) -> TokenStoreMeta:
         try:
-            meta = _read_meta(self._connection())
+            meta = _read_meta(self._connections.get())
         except sqlite3.DatabaseError as err:
             raise TokenStoreError(f"{self.path} is not a token store ({err}); build it with build_token_store") from err
         version = meta.get("schema_version")
@@ -338,7 +310,7 @@ class TokenStore:
 
     def count(self) -> int:
         """Return the number of stored items."""
-        return self._connection().execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        return self._connections.get().execute("SELECT COUNT(*) FROM items").fetchone()[0]
 
     def get(self, item_ids: Sequence[str]) -> dict[str, list[list[int]]]:
         """Return the per-field token ids of each stored item among `item_ids`; unknown ids are left out.
@@ -346,7 +318,7 @@ class TokenStore:
         Raises TokenStoreError when the store was rebuilt for another tokenizer after
         it was opened, since its ids no longer fit the loaded model.
         """
-        connection = self._connection()
+        connection = self._connections.get()
         found: dict[str, list[list[int]]] = {}
         unique_ids = list(dict.fromkeys(item_ids))
         connection.execute("BEGIN")
@@ -371,8 +343,4 @@ class TokenStore:
 
     def close(self) -> None:
         """Close the connections of all threads."""
-        with self._lock:
-            for connection in self._connections:
-                connection.close()
-            self._connections.clear()
-        self._local = threading.local()
+        self._connections.close()
