@@ -14,6 +14,14 @@ for text within the length limits. Latency is per request (HTTP included for the
 server); pairs/s is candidates x requests / total time. p99 of a few dozen requests
 is close to their maximum, so run more requests for a stable tail.
 
+A second table splits each server path with the server's own step histogram
+(`crossrank_step_seconds` on /metrics, read before and after the path): the mean time
+per request in the model, and the share of the client's latency spent outside the
+model (HTTP, JSON, query tokenization, store lookups). `server p50` is the median of
+the server's `total` step (from parsing the request to its response body), read
+from the histogram buckets. Last, the server's resident memory (VmRSS and its peak,
+VmHWM) after all requests.
+
     python bench/bench_serving.py --model-dir BUNDLE --checkpoint CHECKPOINT \\
         --data ../shared/datasets/homedepot --num-requests 50
 """
@@ -58,6 +66,73 @@ class Timing:
         p50, p99 = np.percentile(latencies_ms, [50, 99])
         cells = [self.path, len(latencies_ms), self.num_candidates, f"{p50:.1f}", f"{p99:.1f}", f"{pairs_per_s:.0f}"]
         return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+@dataclass(frozen=True)
+class ServerSteps:
+    """The server's step histograms over one path's requests: sums, counts and bucket counts."""
+
+    sums: dict[str, float]
+    counts: dict[str, float]
+    buckets: dict[str, list[tuple[float, float]]]  # step -> [(upper bound s, cumulative count)]
+
+    def minus(self, before: ServerSteps) -> ServerSteps:
+        return ServerSteps(
+            {step: value - before.sums.get(step, 0.0) for step, value in self.sums.items()},
+            {step: value - before.counts.get(step, 0.0) for step, value in self.counts.items()},
+            {
+                step: [(bound, count - dict(before.buckets.get(step, [])).get(bound, 0.0)) for bound, count in rows]
+                for step, rows in self.buckets.items()
+            },
+        )
+
+    def mean_ms(self, step: str) -> float:
+        count = self.counts.get(step, 0.0)
+        return 1000 * self.sums[step] / count if count else 0.0
+
+    def median_ms(self, step: str) -> float:
+        """The median, interpolated linearly inside its histogram bucket."""
+        rows = sorted(self.buckets[step])
+        half = rows[-1][1] / 2
+        lower_bound, lower_count = 0.0, 0.0
+        for bound, count in rows:
+            if count >= half:
+                if bound == float("inf"):
+                    return 1000 * lower_bound
+                share = (half - lower_count) / (count - lower_count) if count > lower_count else 1.0
+                return 1000 * (lower_bound + share * (bound - lower_bound))
+            lower_bound, lower_count = bound, count
+        return 1000 * rows[-1][0]
+
+
+def read_server_steps(client: httpx.Client) -> ServerSteps:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        if family.name != "crossrank_step_seconds":
+            continue
+        for sample in family.samples:
+            step = sample.labels["step"]
+            if sample.name.endswith("_sum"):
+                sums[step] = sample.value
+            elif sample.name.endswith("_count"):
+                counts[step] = sample.value
+            elif sample.name.endswith("_bucket"):
+                buckets.setdefault(step, []).append((float(sample.labels["le"]), sample.value))
+    return ServerSteps(sums, counts, buckets)
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a process, in kB, from /proc."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0])
+    return fields
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -157,8 +232,12 @@ def prepare(args: argparse.Namespace, fields: list[str], work_dir: Path) -> tupl
 
 def time_server(
     args: argparse.Namespace, workload: Workload, model_name: str, stores: tuple[Path, Path], log: Path
-) -> list[Timing]:
-    """Time the three request kinds against a server subprocess on 127.0.0.1."""
+) -> tuple[list[Timing], list[ServerSteps], dict[str, int]]:
+    """Time the three request kinds against a server subprocess on 127.0.0.1.
+
+    Returns the client timings, the server's step histograms of each path, and the
+    server's memory after all requests.
+    """
     store_path, cache_path = stores
     arguments = ["--model-dir", str(args.model_dir), "--token-store", str(store_path), "--score-cache", str(cache_path)]
     process, url = start_server([*arguments, "--batch-size", str(args.batch_size)], log)
@@ -180,7 +259,14 @@ def time_server(
                 ("HTTP, token store", sender(workload.cold_queries, workload.item_ids)),
                 ("HTTP, warm score cache", sender(workload.cached_queries, workload.item_ids)),
             ]
-            return [Timing(name, time_requests(send, args.num_requests), args.num_candidates) for name, send in paths]
+            timings, steps = [], []
+            for name, send in paths:
+                for index in range(3):  # warm-up, outside the step histograms of the path
+                    send(index)
+                before = read_server_steps(client)
+                timings.append(Timing(name, time_requests(send, args.num_requests, num_warmup=0), args.num_candidates))
+                steps.append(read_server_steps(client).minus(before))
+            return timings, steps, memory_kb(process.pid)
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -212,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Timings: the server's three paths, then the in-process baseline.
     workload, store_path, cache_path = prepare(args, fields, work_dir)
-    timings = time_server(args, workload, bundle.config.model_name, (store_path, cache_path), log)
+    timings, steps, memory = time_server(args, workload, bundle.config.model_name, (store_path, cache_path), log)
     baseline, encoder = time_sentence_transformers(args, workload, bundle.config.input_spec.max_length)
     timings.append(baseline)
 
@@ -230,6 +316,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for timing in timings:
         print(timing.row())
+
+    print("\n| path | client p50 ms | server p50 ms | server mean ms | model mean ms | outside the model |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for timing, step in zip(timings, steps, strict=False):
+        client_mean_ms = 1000 * float(np.mean(timing.latencies_s))
+        model_ms = step.mean_ms("model")
+        cells = [
+            timing.path,
+            f"{1000 * float(np.median(timing.latencies_s)):.1f}",
+            f"{step.median_ms('total'):.2f}",
+            f"{step.mean_ms('total'):.2f}",
+            f"{model_ms:.1f}",
+            f"{1 - model_ms / client_mean_ms:.1%}",
+        ]
+        print("| " + " | ".join(cells) + " |")
+    print(f"\nserver memory after all requests: VmRSS {memory['VmRSS'] / 1024:.0f} MiB, peak VmHWM {memory['VmHWM'] / 1024:.0f} MiB")
     difference = np.max(np.abs(st_scores - onnx_scores))
     print(f"\nmax |sentence-transformers - bundle| score difference on {len(products)} pairs: {difference:.2e}")
     return 0

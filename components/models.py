@@ -97,6 +97,7 @@ def distill_student(
     tracking_uri: str,
     parent_run_id: str,
     labeled: Input[Dataset],
+    teacher: Input[Model],
     validation: Input[Dataset],
     test: Input[Dataset],
     student: Output[Model],
@@ -114,7 +115,7 @@ def distill_student(
     scratch = Path(tempfile.mkdtemp())
     run_distill_student(
         params, Path(labeled.path), Path(validation.path), Path(test.path), Path(student.path), Path(scores.path),
-        scratch / "metrics.json", scratch / "curve.csv",
+        scratch / "metrics.json", scratch / "curve.csv", Path(teacher.path),
     )
     log_json_metrics(metrics, scratch / "metrics.json")
 

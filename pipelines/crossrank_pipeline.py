@@ -56,6 +56,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE):
 
             student = c.distill_student(
                 labeled=labeled.outputs["labeled"],
+                teacher=teacher.outputs["teacher"],
                 validation=split.outputs["validation"],
                 test=split.outputs["test"],
                 **common,

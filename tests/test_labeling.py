@@ -10,7 +10,7 @@ from crossrank.config import AugmentConfig, BM25Config, DataConfig
 from crossrank.bm25 import build_catalog
 from crossrank.features import InputSpec
 from crossrank.ingest import ingest
-from crossrank.labeling import assign_shards, generate_pairs, label_pairs
+from crossrank.labeling import assign_shards, generate_pairs, label_pairs, pairs_to_label
 from crossrank.models import CrossEncoder
 
 
@@ -37,6 +37,18 @@ def test_generated_pairs_exclude_judged(judgments: pd.DataFrame) -> None:
     assert (pairs.groupby(schema.QUERY_ID)["origin"].apply(lambda o: (o == "random").sum()) == 2).all()
     assert pairs["label"].isna().all()
     assert (pairs[schema.TITLE] != "").all()
+
+
+def test_pairs_to_label_keep_judged_pairs(judgments: pd.DataFrame) -> None:
+    # Judged pairs of queries beyond augment.max_queries used to be dropped, so the
+    # default student never saw 70% of the training queries.
+    config = AugmentConfig(num_bm25_candidates=3, num_random_items=1, max_queries=30)
+    pairs = pairs_to_label(judgments, build_catalog(judgments), config, BM25Config())
+
+    judged = pairs[pairs["origin"] == "judged"]
+    assert len(judged) == len(judgments)
+    assert judged[schema.QUERY_ID].nunique() == judgments[schema.QUERY_ID].nunique() == 300
+    assert pairs.loc[pairs["origin"] != "judged", schema.QUERY_ID].nunique() == 30
 
 
 def test_labeling_resumes_unfinished_shards(judgments: pd.DataFrame, checkpoint: Path, tmp_path: Path) -> None:

@@ -1,6 +1,12 @@
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
+from crossrank.config import parse_params
+from crossrank.errors import ConfigError
+from crossrank.stages import run_distill_student
 from crossrank.training import margin_mse
 
 
@@ -33,3 +39,11 @@ def test_margin_mse_gradient_flows() -> None:
     loss.backward()
     # d/ds0 of (s0 - s1)^2 = 2 (s0 - s1) = 2; d/ds1 = -2.
     assert student.grad.tolist() == [[2.0, -2.0]]
+
+
+def test_init_from_teacher_needs_teacher(tmp_path: Path) -> None:
+    params = parse_params("student:\n  init_from_teacher: true\n")
+    message = "student.init_from_teacher is true, but run_distill_student got no teacher checkpoint"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        names = ("pairs", "validation", "test", "student", "scores", "metrics", "curve")
+        run_distill_student(params, *(tmp_path / name for name in names))

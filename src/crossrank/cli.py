@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -129,6 +131,7 @@ def _cmd_distill_student(args: argparse.Namespace) -> int:
         layout.score_file("student"),
         layout.training_metrics("student"),
         layout.training_curve("student"),
+        layout.checkpoint("teacher"),
         Path(args.root),
     )
     return 0
@@ -174,17 +177,36 @@ def _cmd_build_serving_stores(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dvc_executable() -> str:
+    """Return dvc from PATH, else the one installed beside this Python (a venv not activated)."""
+    found = shutil.which("dvc") or shutil.which("dvc", path=str(Path(sys.executable).parent))
+    if found is None:
+        raise CrossrankError(
+            f"dvc not found on PATH nor in {Path(sys.executable).parent}; install the project "
+            "(pip install -e .) or activate its virtual environment"
+        )
+    return found
+
+
 def _cmd_repro(args: argparse.Namespace) -> int:
     from crossrank.tracking import PARENT_RUN_ENV, pipeline_run
 
     params = _params(args)
-    command = ["dvc", "repro", *args.dvc_args]
+    command = [_dvc_executable(), "repro", *args.dvc_args]
     with pipeline_run(params.tracking, params.profile, Path(args.root)) as parent_run_id:
         logger.info("running %s under MLflow parent run %s", " ".join(command), parent_run_id)
         env = {**os.environ, PARENT_RUN_ENV: parent_run_id}
-        completed = subprocess.run(command, cwd=args.root, env=env, check=False)
-        if completed.returncode != 0:
-            raise CrossrankError(f"`{' '.join(command)}` failed with exit status {completed.returncode}; see its output above")
+        # dvc and its stage commands get a process group of their own, so a SIGTERM
+        # or Ctrl-C here reaches all of them and every MLflow run ends FAILED.
+        process = subprocess.Popen(command, cwd=args.root, env=env, start_new_session=True)
+        try:
+            returncode = process.wait()
+        except BaseException:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+            raise
+        if returncode != 0:
+            raise CrossrankError(f"`{' '.join(command)}` failed with exit status {returncode}; see its output above")
     return 0
 
 
@@ -374,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; expected failures print one message and exit with status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -383,6 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
+    # Python's default SIGTERM action ends the process at once; SystemExit unwinds the
+    # MLflow run contexts instead, so a stopped stage is recorded as FAILED.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

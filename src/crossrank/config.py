@@ -147,7 +147,9 @@ class AugmentConfig(StageConfig):
 
     num_bm25_candidates: int = Field(default=10, ge=0, description="top BM25 items per query, not yet judged")
     num_random_items: int = Field(default=2, ge=0, description="random catalog items per query")
-    max_queries: int | None = Field(default=None, ge=1)
+    max_queries: int | None = Field(
+        default=None, ge=1, description="training queries that get generated pairs; all judged pairs are labeled"
+    )
     num_shards: int = Field(default=8, ge=1)
     num_workers: int = Field(default=2, ge=1, description="processes scoring shards in parallel")
     batch_size: int = Field(default=64, ge=1)
@@ -165,6 +167,10 @@ class StudentConfig(TrainingConfig):
     )
     bce_weight: float = Field(default=0.0, ge=0.0, description="weight of a pointwise BCE term on human labels")
     use_augmented: bool = True
+    init_from_teacher: bool = Field(
+        default=False,
+        description="start from the trained teacher's first num_layers layers and head instead of the backbone",
+    )
 
 
 class GateConfig(StageConfig):
@@ -178,8 +184,10 @@ class GateConfig(StageConfig):
     max_int8_ndcg_drop: float = Field(default=0.005, ge=0.0, description="relative test NDCG@10 drop of int8")
     min_int8_ranking_agreement: float = Field(default=0.95, ge=0.0, le=1.0)
     max_latency_p50_ms: float = Field(default=100.0, gt=0.0, description="scoring 100 candidates, one request")
-    precision: Literal["fp32", "int8"] = "fp32"
-    optimize: bool = Field(default=True, description="fuse attention and layer norm with ONNX Runtime")
+    precision: Literal["fp32", "int8"] = "int8"
+    optimize: bool = Field(
+        default=True, description="fuse layer norm and GELU (and attention, for fp32) with ONNX Runtime"
+    )
     registered_model: str = "crossrank-student"
     num_latency_runs: int = Field(default=30, ge=3)
 

@@ -6,7 +6,8 @@ The steps, each a function so the export stage and the tests call the same code:
    and sequence axes and one logit per pair.
 2. `optimize_onnx` (optional): fuse attention, layer normalization and GELU with
    ONNX Runtime's transformer optimizer.
-3. `quantize_int8` (optional): dynamic int8 quantization of the MatMul weights.
+3. `quantize_int8` (optional): int8 MatMul weights, and activations quantized at run
+   time with one scale per token.
 4. `check_parity` and `ranking_agreement`: compare the graph with PyTorch, and int8
    rankings with fp32 rankings, on real pairs.
 5. `write_bundle`: copy the graph and tokenizer into a bundle folder with its
@@ -28,7 +29,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnx import numpy_helper
+from onnxruntime.transformers.fusion_options import FusionOptions
 from onnxruntime.transformers.optimizer import optimize_model
 
 from crossrank.bundle import (
@@ -50,11 +52,17 @@ from crossrank.models import INPUT_SPEC_FILE, CrossEncoder
 logger = logging.getLogger(__name__)
 
 # Op types that only ONNX Runtime's transformer optimizer writes, and those that only
-# dynamic quantization writes; `write_bundle` reads the graph's state from them.
+# int8 quantization writes; `write_bundle` reads the graph's state from them.
 FUSED_OP_TYPES = frozenset(
     {"Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu", "FastGelu"}
 )
-INT8_OP_TYPES = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "QAttention"})
+INT8_OP_TYPES = frozenset(
+    {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "MatMulIntegerToFloat"}
+)
+# Fused attention ops, whose projection weights `quantize_int8` cannot reach.
+_ATTENTION_OP_TYPES = frozenset({"Attention", "MultiHeadAttention"})
+# Prefix of the names of the initializers and nodes that `quantize_int8` adds.
+_INT8_PREFIX = "int8_"
 # Keys of the metadata that `export_onnx` stores in the graph for `optimize_onnx`.
 NUM_HEADS_KEY = "num_attention_heads"
 HIDDEN_SIZE_KEY = "hidden_size"
@@ -142,8 +150,17 @@ def export_onnx(checkpoint: Path, out_path: Path, opset: int = 17) -> Path:
     return out_path
 
 
-def optimize_onnx(in_path: Path, out_path: Path, num_heads: int | None = None, hidden_size: int | None = None) -> Path:
+def optimize_onnx(
+    in_path: Path,
+    out_path: Path,
+    num_heads: int | None = None,
+    hidden_size: int | None = None,
+    fuse_attention: bool = True,
+) -> Path:
     """Fuse attention, layer normalization and GELU with ONNX Runtime's BERT optimizer.
+
+    With `fuse_attention=False` the attention projections stay plain MatMuls, which
+    `quantize_int8` can then quantize; the other fusions still apply.
 
     `num_heads` and `hidden_size` are the model's `num_attention_heads` and
     `hidden_size`; None reads them from the metadata that `export_onnx` stores. They
@@ -157,13 +174,17 @@ def optimize_onnx(in_path: Path, out_path: Path, num_heads: int | None = None, h
         stored = _attention_shape(in_path)
         num_heads = stored[0] if num_heads is None else num_heads
         hidden_size = stored[1] if hidden_size is None else hidden_size
-    optimizer = optimize_model(str(in_path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size)
+    options = FusionOptions("bert")
+    options.enable_attention = fuse_attention
+    optimizer = optimize_model(
+        str(in_path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, optimization_options=options
+    )
     fused = {op: count for op, count in optimizer.get_fused_operator_statistics().items() if count}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     optimizer.save_model_to_file(str(out_path))
 
     logger.info("optimized %s to %s in %.1f s; fused ops: %s", in_path, out_path, time.perf_counter() - started, fused)
-    if not optimizer.is_fully_optimized():
+    if fuse_attention and not optimizer.is_fully_optimized():
         logger.warning("%s is not fully fused (fused ops: %s); it still runs, but slower", out_path, fused)
     return out_path
 
@@ -180,29 +201,92 @@ def _attention_shape(onnx_path: Path) -> tuple[int, int]:
 
 
 def quantize_int8(in_path: Path, out_path: Path) -> Path:
-    """Quantize MatMul weights (and fused Attention weights) to int8, dynamically.
+    """Quantize every MatMul with a constant weight to int8, with one activation scale per token.
 
-    Weights are stored as signed int8 with one scale per output channel. Activations
-    are quantized per batch at run time, so no calibration data is needed.
-    Embeddings, layer norms, the pooler and the classifier head stay in fp32. Check
-    the result with `ranking_agreement`.
+    Weights become signed int8 with one scale per output column. At run time each
+    token's activation vector (the last axis) gets its own scale, max|x| / 127, and is
+    stored as uint8 with zero point 128; `MatMulIntegerToFloat` multiplies the int8
+    product by the weight scales, and a `Mul` by the token's scale. No scale spans two
+    tokens, so a pair's score does not depend on its batch neighbours or on padding.
+    (ONNX Runtime's `quantize_dynamic` takes one activation scale for the whole batch,
+    which moved scores by about 4e-5 with the neighbours.) MatMuls of two computed
+    tensors (attention's query-key and value products), embeddings, layer norms and
+    Gemm layers (pooler, classifier) stay in fp32. Check the result with
+    `ranking_agreement`.
+
+    Raises ValueError for a graph with fused Attention ops, whose projections this
+    cannot reach: optimize it with `optimize_onnx(..., fuse_attention=False)`.
     """
     started = time.perf_counter()
+    model = onnx.load(str(in_path))
+    graph = model.graph
+    fused = sorted({node.op_type for node in graph.node} & _ATTENTION_OP_TYPES)
+    if fused:
+        raise ValueError(
+            f"{in_path} has fused {', '.join(fused)} ops, whose weights quantize_int8 cannot reach; "
+            "optimize the graph with optimize_onnx(..., fuse_attention=False) before quantizing"
+        )
+    opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 17)
+    weights = {tensor.name: tensor for tensor in graph.initializer}
+    constants = [
+        numpy_helper.from_array(np.array(value, dtype=dtype), name)
+        for name, value, dtype in (
+            (f"{_INT8_PREFIX}zero_point", 128, np.uint8),
+            (f"{_INT8_PREFIX}offset", 128.0, np.float32),
+            (f"{_INT8_PREFIX}one", 1.0, np.float32),
+            (f"{_INT8_PREFIX}inverse_127", 1.0 / 127.0, np.float32),
+            (f"{_INT8_PREFIX}min_max", 1e-12, np.float32),
+            (f"{_INT8_PREFIX}last_axis", [-1], np.int64),
+        )
+    ]
+    nodes: list[onnx.NodeProto] = []
+    quantized: dict[str, tuple[str, str]] = {}  # activation -> (uint8 tensor, per-token scale)
+    num_quantized = 0
+    for node in graph.node:
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT:
+            nodes.append(node)
+            continue
+        num_quantized += 1
+        index = num_quantized
+        values = numpy_helper.to_array(weight)
+        scales = (np.maximum(np.abs(values).max(axis=0), 1e-12) / 127.0).astype(np.float32)
+        ints = np.clip(np.rint(values / scales), -127, 127).astype(np.int8)
+        weight_name, scale_name = f"{_INT8_PREFIX}{index}_weight", f"{_INT8_PREFIX}{index}_scale"
+        constants += [numpy_helper.from_array(ints, weight_name), numpy_helper.from_array(scales, scale_name)]
+
+        activation = node.input[0]
+        if activation not in quantized:  # the query, key and value projections share one
+            nodes += _quantize_per_token(activation, f"{_INT8_PREFIX}{index}", opset)
+            quantized[activation] = (f"{_INT8_PREFIX}{index}_uint8", f"{_INT8_PREFIX}{index}_token_scale")
+        ints_in, token_scale = quantized[activation]
+        output = node.output[0]
+        nodes += [
+            onnx.helper.make_node(
+                "MatMulIntegerToFloat",
+                [ints_in, weight_name, f"{_INT8_PREFIX}one", scale_name, f"{_INT8_PREFIX}zero_point"],
+                [f"{output}_{_INT8_PREFIX}unscaled"],
+                name=f"{node.name or output}_int8",
+                domain="com.microsoft",
+            ),
+            onnx.helper.make_node("Mul", [f"{output}_{_INT8_PREFIX}unscaled", token_scale], [output]),
+        ]
+    if not quantized:
+        raise ValueError(f"{in_path} has no MatMul with a constant 2-D float weight; there is nothing to quantize")
+
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    kept = [tensor for tensor in [*graph.initializer, *constants] if tensor.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    if not any(entry.domain == "com.microsoft" for entry in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    quantize_dynamic(
-        in_path,
-        out_path,
-        op_types_to_quantize=["MatMul", "Attention"],
-        weight_type=QuantType.QInt8,
-        # Per-channel scales raised the share of same-query pairs ordered as in fp32
-        # from 0.87 to 0.92 (MiniLM-L6 with a random head, 253 Home Depot pairs).
-        per_channel=True,
-        # An optimized graph has contrib ops (Attention, SkipLayerNormalization) that
-        # ONNX shape inference cannot type; their outputs are float32.
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    onnx.save(model, str(out_path))
     logger.info(
-        "quantized %s to int8 at %s (%.1f MB -> %.1f MB) in %.1f s",
+        "quantized %d MatMuls of %s to int8 with per-token activation scales at %s (%.1f MB -> %.1f MB) in %.1f s",
+        num_quantized,
         in_path,
         out_path,
         in_path.stat().st_size / 1e6,
@@ -210,6 +294,27 @@ def quantize_int8(in_path: Path, out_path: Path) -> Path:
         time.perf_counter() - started,
     )
     return out_path
+
+
+def _quantize_per_token(activation: str, prefix: str, opset: int) -> list[onnx.NodeProto]:
+    """Nodes that write `{prefix}_uint8` (round(x / s) + 128) and `{prefix}_token_scale` (s per token)."""
+    make = onnx.helper.make_node
+    absolute, peak = f"{prefix}_abs", f"{prefix}_peak"
+    if opset >= 18:  # ReduceMax takes its axes as an input from opset 18 on
+        reduce = make("ReduceMax", [absolute, f"{_INT8_PREFIX}last_axis"], [peak], keepdims=1)
+    else:
+        reduce = make("ReduceMax", [absolute], [peak], axes=[-1], keepdims=1)
+    return [
+        make("Abs", [activation], [absolute]),
+        reduce,
+        # An all-zero token keeps a tiny positive scale instead of dividing by zero.
+        make("Max", [peak, f"{_INT8_PREFIX}min_max"], [f"{prefix}_peak_safe"]),
+        make("Mul", [f"{prefix}_peak_safe", f"{_INT8_PREFIX}inverse_127"], [f"{prefix}_token_scale"]),
+        make("Div", [activation, f"{prefix}_token_scale"], [f"{prefix}_scaled"]),
+        make("Round", [f"{prefix}_scaled"], [f"{prefix}_rounded"]),
+        make("Add", [f"{prefix}_rounded", f"{_INT8_PREFIX}offset"], [f"{prefix}_shifted"]),
+        make("Cast", [f"{prefix}_shifted"], [f"{prefix}_uint8"], to=onnx.TensorProto.UINT8),
+    ]
 
 
 def check_parity(

@@ -86,6 +86,18 @@ def generate_pairs(
     return pairs
 
 
+def pairs_to_label(
+    judged: pd.DataFrame, catalog: pd.DataFrame, config: AugmentConfig, bm25: BM25Config
+) -> pd.DataFrame:
+    """Return every judged training pair (`origin` "judged") and the generated pairs.
+
+    All judged pairs go to the teacher, so the student learns from every training
+    query; `max_queries` limits only the queries that get generated pairs.
+    """
+    generated = generate_pairs(judged, catalog, config, bm25)
+    return pd.concat([judged.assign(**{ORIGIN: "judged"}), generated], ignore_index=True)
+
+
 def assign_shards(pairs: pd.DataFrame, num_shards: int) -> pd.Series:
     """Return each row's shard number, from a hash of its query id (a query stays in one shard)."""
 

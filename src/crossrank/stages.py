@@ -18,7 +18,7 @@ import pandas as pd
 from crossrank import schema
 from crossrank.bm25 import BM25Index, build_catalog
 from crossrank.config import Params
-from crossrank.errors import DataError
+from crossrank.errors import ConfigError, DataError
 from crossrank.evaluation import evaluate_scores, random_baseline, results_table
 from crossrank.ingest import ingest
 from crossrank.split import SPLITS, split
@@ -218,17 +218,6 @@ def run_train_teacher(
     return summary
 
 
-def _pairs_to_label(params: Params, train: Path, catalog: Path) -> pd.DataFrame:
-    from crossrank.ingest import sample_queries
-    from crossrank.labeling import ORIGIN, generate_pairs
-
-    judged = read_table(train)
-    if params.augment.max_queries is not None:
-        judged = sample_queries(judged, params.augment.max_queries)
-    generated = generate_pairs(judged, read_table(catalog), params.augment, params.bm25)
-    return pd.concat([judged.assign(**{ORIGIN: "judged"}), generated], ignore_index=True)
-
-
 def _log_labeled(run: Any, labeled: pd.DataFrame, started: float) -> None:
     from crossrank.labeling import ORIGIN
 
@@ -258,11 +247,12 @@ def run_label_augmented(
     and every generated pair (label NaN), each with `teacher_logit` and `teacher_score`.
     Shards are scored by parallel worker processes and resume after a crash.
     """
-    from crossrank.labeling import label_pairs
+    from crossrank.labeling import label_pairs, pairs_to_label
 
     with stage_run("label_augmented", params.tracking, params.profile, params.augment.model_dump(), root) as run:
         started = time.perf_counter()
-        labeled = label_pairs(_pairs_to_label(params, train, catalog), teacher, shard_dir, params.augment)
+        pairs = pairs_to_label(read_table(train), read_table(catalog), params.augment, params.bm25)
+        labeled = label_pairs(pairs, teacher, shard_dir, params.augment)
         write_table(labeled, out)
         _log_labeled(run, labeled, started)
     return labeled
@@ -270,8 +260,10 @@ def run_label_augmented(
 
 def run_generate_pairs(params: Params, train: Path, catalog: Path, out: Path, root: Path = Path(".")) -> int:
     """Write the judged and generated pairs that the teacher will label; return their count."""
+    from crossrank.labeling import pairs_to_label
+
     with stage_run("generate_pairs", params.tracking, params.profile, params.augment.model_dump(), root) as run:
-        pairs = _pairs_to_label(params, train, catalog)
+        pairs = pairs_to_label(read_table(train), read_table(catalog), params.augment, params.bm25)
         write_table(pairs, out)
         run.log_metrics({"num_pairs": len(pairs)})
     return len(pairs)
@@ -310,13 +302,25 @@ def run_distill_student(
     scores: Path,
     metrics: Path,
     curve: Path,
+    teacher: Path | None = None,
     root: Path = Path("."),
 ) -> dict[str, Any]:
-    """Distill the student from the teacher-labeled pairs, then score the test split."""
+    """Distill the student from the teacher-labeled pairs, then score the test split.
+
+    With `student.init_from_teacher`, the student starts from the `teacher` checkpoint
+    cut to its first `num_layers` layers (with its pooler and head) instead of the backbone.
+    """
     from crossrank.labeling import ORIGIN
     from crossrank.training import distill_student
 
     config = params.student
+    if config.init_from_teacher:
+        if teacher is None:
+            raise ConfigError(
+                "student.init_from_teacher is true, but run_distill_student got no teacher checkpoint; "
+                "pass the teacher folder or set student.init_from_teacher: false in params.yaml"
+            )
+        config = config.model_copy(update={"backbone": str(teacher)})
     with stage_run("distill_student", params.tracking, params.profile, config.model_dump(), root) as run:
         frame = read_table(pairs)
         if not config.use_augmented:
@@ -395,7 +399,8 @@ def run_gate_export(
         graph = export_onnx(student, work / "model.fp32.onnx")
         parity = [check_parity(student, graph, sample[schema.QUERY].tolist(), sample.to_dict("records"))["max_abs_diff"]]
         if config.optimize:
-            graph = optimize_onnx(graph, work / "model.optimized.onnx")
+            # int8 quantizes the attention projections, so they stay unfused MatMuls.
+            graph = optimize_onnx(graph, work / "model.optimized.onnx", fuse_attention=config.precision != "int8")
             parity.append(check_parity(student, graph, sample[schema.QUERY].tolist(), sample.to_dict("records"))["max_abs_diff"])
 
         # fp32 scores of the test split, then the int8 graph against them.

@@ -121,7 +121,7 @@ class ServingMetrics:
 @functools.cache
 def serving_metrics() -> ServingMetrics:
     """Create the metrics on first use, once per process, because the registry rejects a second registration."""
-    latency_buckets = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+    latency_buckets = (0.0005, 0.001, 0.0015, 0.002, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
     return ServingMetrics(
         step_seconds=Histogram(
             "crossrank_step_seconds",
