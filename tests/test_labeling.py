@@ -50,6 +50,10 @@ def test_pairs_to_label_keep_judged_pairs(judgments: pd.DataFrame) -> None:
     assert judged[schema.QUERY_ID].nunique() == judgments[schema.QUERY_ID].nunique() == 300
     assert pairs.loc[pairs["origin"] != "judged", schema.QUERY_ID].nunique() == 30
 
+    limited = pairs_to_label(judgments, build_catalog(judgments), config.model_copy(update={"max_judged_queries": 30}), BM25Config())
+    assert limited[schema.QUERY_ID].nunique() == 30
+    assert set(limited[schema.QUERY_ID]) == set(limited.loc[limited["origin"] != "judged", schema.QUERY_ID])
+
 
 def test_labeling_resumes_unfinished_shards(judgments: pd.DataFrame, checkpoint: Path, tmp_path: Path) -> None:
     pairs = judgments.head(120)

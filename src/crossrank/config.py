@@ -147,8 +147,9 @@ class AugmentConfig(StageConfig):
 
     num_bm25_candidates: int = Field(default=10, ge=0, description="top BM25 items per query, not yet judged")
     num_random_items: int = Field(default=2, ge=0, description="random catalog items per query")
-    max_queries: int | None = Field(
-        default=None, ge=1, description="training queries that get generated pairs; all judged pairs are labeled"
+    max_queries: int | None = Field(default=None, ge=1, description="training queries that get generated pairs")
+    max_judged_queries: int | None = Field(
+        default=None, ge=1, description="training queries whose judged pairs are labeled; None labels all of them"
     )
     num_shards: int = Field(default=8, ge=1)
     num_workers: int = Field(default=2, ge=1, description="processes scoring shards in parallel")

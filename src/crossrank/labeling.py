@@ -89,11 +89,15 @@ def generate_pairs(
 def pairs_to_label(
     judged: pd.DataFrame, catalog: pd.DataFrame, config: AugmentConfig, bm25: BM25Config
 ) -> pd.DataFrame:
-    """Return every judged training pair (`origin` "judged") and the generated pairs.
+    """Return the judged training pairs (`origin` "judged") and the generated pairs.
 
-    All judged pairs go to the teacher, so the student learns from every training
-    query; `max_queries` limits only the queries that get generated pairs.
+    By default every judged pair goes to the teacher, so the student learns from every
+    training query; `max_queries` limits only the queries that get generated pairs.
+    `max_judged_queries` keeps the judged pairs of a hash-chosen subset of queries
+    (the smoke profile uses it to train its short-lived student on fewer queries).
     """
+    if config.max_judged_queries is not None:
+        judged = sample_queries(judged, config.max_judged_queries)
     generated = generate_pairs(judged, catalog, config, bm25)
     return pd.concat([judged.assign(**{ORIGIN: "judged"}), generated], ignore_index=True)
 
