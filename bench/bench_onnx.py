@@ -23,6 +23,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,15 +48,24 @@ def requests_of(pairs: pd.DataFrame, num_candidates: int, num_requests: int) -> 
     return [ordered.iloc[start : start + num_candidates] for start in starts][:num_requests]
 
 
-def time_requests(score, requests: list[pd.DataFrame]) -> tuple[float, np.ndarray]:
-    """Median seconds per request after one warm-up request, and the scores of all requests."""
-    score(requests[0])
-    latencies, scores = [], []
+def time_interleaved(
+    scorers: dict[str, Callable[[pd.DataFrame], np.ndarray]], requests: list[pd.DataFrame]
+) -> dict[str, tuple[float, np.ndarray]]:
+    """Time every scorer on every request, in turn per request, after one warm-up request each.
+
+    Interleaving spreads a slow spell of the machine over all scorers instead of one.
+    Returns, per scorer, the median seconds per request and the scores of all requests.
+    """
+    for score in scorers.values():
+        score(requests[0])
+    latencies: dict[str, list[float]] = {name: [] for name in scorers}
+    scores: dict[str, list[np.ndarray]] = {name: [] for name in scorers}
     for request in requests:
-        started = time.perf_counter()
-        scores.append(score(request))
-        latencies.append(time.perf_counter() - started)
-    return float(np.median(latencies)), np.concatenate(scores)
+        for name, score in scorers.items():
+            started = time.perf_counter()
+            scores[name].append(score(request))
+            latencies[name].append(time.perf_counter() - started)
+    return {name: (float(np.median(latencies[name])), np.concatenate(scores[name])) for name in scorers}
 
 
 def profile_op_types(graph: Path, batch: dict[str, np.ndarray], num_runs: int, work: Path) -> list[tuple[str, float]]:
@@ -108,15 +118,16 @@ def main() -> None:
         products = request.to_dict("records")
         return sigmoid(encoder.predict_logits(request[schema.QUERY].tolist(), products, batch_size=args.batch_size))
 
-    reference_s, reference = time_requests(torch_score, requests)
-    rows = [("PyTorch (CrossEncoder.predict_logits)", reference_s, reference)]
+    scorers: dict[str, Callable[[pd.DataFrame], np.ndarray]] = {"PyTorch (CrossEncoder.predict_logits)": torch_score}
     for name, bundle in bundles.items():
 
         def onnx_score(request: pd.DataFrame, bundle=bundle) -> np.ndarray:
             return bundle.score(request[schema.QUERY].tolist(), request.to_dict("records"), batch_size=args.batch_size)
 
-        seconds, scores = time_requests(onnx_score, requests)
-        rows.append((name, seconds, scores))
+        scorers[name] = onnx_score
+    timed = time_interleaved(scorers, requests)
+    reference_s, reference = timed["PyTorch (CrossEncoder.predict_logits)"]
+    rows = [(name, seconds, scores) for name, (seconds, scores) in timed.items()]
 
     print(
         f"\n{args.checkpoint}: {len(requests)} requests of {args.num_candidates} pairs, batch size "

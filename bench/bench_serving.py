@@ -7,6 +7,9 @@ at a time to a `crossrank serve` subprocess on 127.0.0.1, in three ways:
 - `token_store`: item_ids only, for queries outside the score cache;
 - `score_cache`: item_ids only, for queries whose pairs are all cached (no model call).
 
+The four paths (these three and the baseline below) take turns on each request
+index, so a slow spell of the machine touches all of them alike.
+
 The baseline scores the same (query, product text) pairs in-process with
 `sentence_transformers.CrossEncoder.predict` on the checkpoint the bundle was exported
 from, with the product fields joined by " [SEP] ", which gives the bundle's token ids
@@ -15,12 +18,13 @@ server); pairs/s is candidates x requests / total time. p99 of a few dozen reque
 is close to their maximum, so run more requests for a stable tail.
 
 A second table splits each server path with the server's own step histogram
-(`crossrank_step_seconds` on /metrics, read before and after the path): the mean time
-per request in the model, and the share of the client's latency spent outside the
-model (HTTP, JSON, query tokenization, store lookups). `server p50` is the median of
-the server's `total` step (from parsing the request to its response body), read
-from the histogram buckets. Last, the server's resident memory (VmRSS and its peak,
-VmHWM) after all requests.
+(`crossrank_step_seconds` on /metrics, read before and after each request): the mean
+time per request in the model, and the share of the client's latency spent outside
+the model (HTTP, JSON, query tokenization, store lookups). `server p50` is the median
+of the server's `total` step (from parsing the request to its response body),
+interpolated inside its histogram bucket. Buckets are 0.5 ms wide up to 2.5 ms, so
+the median of a cached request is close; above 10 ms they are wide and it is coarse.
+Last, the server's resident memory (VmRSS and its peak, VmHWM) after all requests.
 
     python bench/bench_serving.py --model-dir BUNDLE --checkpoint CHECKPOINT \\
         --data ../shared/datasets/homedepot --num-requests 50
@@ -82,6 +86,16 @@ class ServerSteps:
             {step: value - before.counts.get(step, 0.0) for step, value in self.counts.items()},
             {
                 step: [(bound, count - dict(before.buckets.get(step, [])).get(bound, 0.0)) for bound, count in rows]
+                for step, rows in self.buckets.items()
+            },
+        )
+
+    def plus(self, other: ServerSteps) -> ServerSteps:
+        return ServerSteps(
+            {step: value + other.sums.get(step, 0.0) for step, value in self.sums.items()},
+            {step: value + other.counts.get(step, 0.0) for step, value in self.counts.items()},
+            {
+                step: [(bound, count + dict(other.buckets.get(step, [])).get(bound, 0.0)) for bound, count in rows]
                 for step, rows in self.buckets.items()
             },
         )
@@ -180,18 +194,6 @@ def wait_ready(
     raise RuntimeError(f"server not ready after {timeout_s} s; see {log}")
 
 
-def time_requests(send: Callable[[int], None], num_requests: int, num_warmup: int = 3) -> list[float]:
-    """Send `num_warmup` untimed requests, then return the latency of each of `num_requests`."""
-    for index in range(num_warmup):
-        send(index)
-    latencies = []
-    for index in range(num_requests):
-        started = time.perf_counter()
-        send(index)
-        latencies.append(time.perf_counter() - started)
-    return latencies
-
-
 @dataclass(frozen=True)
 class Workload:
     """Candidates per query; the score cache contains every pair of `cached_queries`."""
@@ -230,13 +232,19 @@ def prepare(args: argparse.Namespace, fields: list[str], work_dir: Path) -> tupl
     return workload, store_path, cache_path
 
 
-def time_server(
-    args: argparse.Namespace, workload: Workload, model_name: str, stores: tuple[Path, Path], log: Path
+def time_paths(
+    args: argparse.Namespace,
+    workload: Workload,
+    model_name: str,
+    stores: tuple[Path, Path],
+    log: Path,
+    baseline: Callable[[int], None],
 ) -> tuple[list[Timing], list[ServerSteps], dict[str, int]]:
-    """Time the three request kinds against a server subprocess on 127.0.0.1.
+    """Time the server's three request kinds and the in-process baseline, in turn per request.
 
-    Returns the client timings, the server's step histograms of each path, and the
-    server's memory after all requests.
+    Interleaving spreads a slow spell of the machine over all paths instead of one.
+    Returns the timings (server paths, then the baseline), the server's step histograms
+    summed over each server path's timed requests, and the server's memory at the end.
     """
     store_path, cache_path = stores
     arguments = ["--model-dir", str(args.model_dir), "--token-store", str(store_path), "--score-cache", str(cache_path)]
@@ -254,26 +262,41 @@ def time_server(
 
                 return send
 
-            paths = [
-                ("HTTP, product text", sender(workload.cold_queries, workload.products)),
-                ("HTTP, token store", sender(workload.cold_queries, workload.item_ids)),
-                ("HTTP, warm score cache", sender(workload.cached_queries, workload.item_ids)),
-            ]
-            timings, steps = [], []
-            for name, send in paths:
-                for index in range(3):  # warm-up, outside the step histograms of the path
+            server_paths = {
+                "HTTP, product text": sender(workload.cold_queries, workload.products),
+                "HTTP, token store": sender(workload.cold_queries, workload.item_ids),
+                "HTTP, warm score cache": sender(workload.cached_queries, workload.item_ids),
+            }
+            paths = {**server_paths, BASELINE: baseline}
+            for index in range(3):  # warm-up, outside the timings and step histograms
+                for send in paths.values():
                     send(index)
-                before = read_server_steps(client)
-                timings.append(Timing(name, time_requests(send, args.num_requests, num_warmup=0), args.num_candidates))
-                steps.append(read_server_steps(client).minus(before))
-            return timings, steps, memory_kb(process.pid)
+
+            latencies: dict[str, list[float]] = {name: [] for name in paths}
+            steps: dict[str, ServerSteps | None] = {name: None for name in server_paths}
+            for index in range(args.num_requests):
+                for name, send in paths.items():
+                    before = read_server_steps(client) if name in server_paths else None
+                    started = time.perf_counter()
+                    send(index)
+                    latencies[name].append(time.perf_counter() - started)
+                    if before is not None:
+                        delta = read_server_steps(client).minus(before)
+                        steps[name] = delta if steps[name] is None else steps[name].plus(delta)
+            timings = [Timing(name, latencies[name], args.num_candidates) for name in paths]
+            return timings, [steps[name] for name in server_paths], memory_kb(process.pid)
     finally:
         process.terminate()
         process.wait(timeout=30)
 
 
-def time_sentence_transformers(args: argparse.Namespace, workload: Workload, max_length: int) -> tuple[Timing, Any]:
-    """Time `CrossEncoder.predict` on the product-text requests; return the timing and the encoder."""
+BASELINE = "sentence-transformers predict (in-process)"
+
+
+def sentence_transformers_baseline(
+    args: argparse.Namespace, workload: Workload, max_length: int
+) -> tuple[Callable[[int], None], Any]:
+    """Return a function that scores request `index` with `CrossEncoder.predict`, and the encoder."""
     from sentence_transformers import CrossEncoder
 
     encoder = CrossEncoder(str(args.checkpoint), num_labels=1, max_length=max_length, local_files_only=True)
@@ -283,8 +306,7 @@ def time_sentence_transformers(args: argparse.Namespace, workload: Workload, max
         pairs = [(query, product_text(product, workload.fields)) for product in workload.products(query)]
         encoder.predict(pairs, batch_size=args.batch_size, show_progress_bar=False)
 
-    latencies = time_requests(predict, args.num_requests)
-    return Timing("sentence-transformers predict (in-process)", latencies, args.num_candidates), encoder
+    return predict, encoder
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -296,11 +318,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     fields = list(bundle.config.input_spec.fields)
     log = work_dir / "server.log"
 
-    # Timings: the server's three paths, then the in-process baseline.
+    # Timings of the server's three paths and the in-process baseline.
     workload, store_path, cache_path = prepare(args, fields, work_dir)
-    timings, steps, memory = time_server(args, workload, bundle.config.model_name, (store_path, cache_path), log)
-    baseline, encoder = time_sentence_transformers(args, workload, bundle.config.input_spec.max_length)
-    timings.append(baseline)
+    baseline, encoder = sentence_transformers_baseline(args, workload, bundle.config.input_spec.max_length)
+    timings, steps, memory = time_paths(
+        args, workload, bundle.config.model_name, (store_path, cache_path), log, baseline
+    )
 
     # Agreement of the baseline with the bundle on one request's pairs.
     query = workload.cold_queries[0]
