@@ -40,7 +40,7 @@ from crossrank.models import CrossEncoder, sigmoid
 def requests_of(pairs: pd.DataFrame, num_candidates: int, num_requests: int) -> list[pd.DataFrame]:
     """Up to `num_requests` requests of `num_candidates` consecutive test pairs each.
 
-    Home Depot judges about 6 items per query, so a request holds the pairs of several
+    Home Depot judges about 6 items per query, so a request contains the pairs of several
     queries. That changes nothing for the model, which scores each pair on its own.
     """
     ordered = pairs.sort_values([schema.QUERY_ID, schema.ITEM_ID], kind="stable").reset_index(drop=True)

@@ -23,7 +23,8 @@ time per request in the model, and the share of the client's latency spent outsi
 the model (HTTP, JSON, query tokenization, store lookups). `server p50` is the median
 of the server's `total` step (from parsing the request to its response body),
 interpolated inside its histogram bucket. Buckets are 0.5 ms wide up to 2.5 ms, so
-the median of a cached request is close; above 10 ms they are wide and it is coarse.
+the median of a cached request is close. Above 10 ms the buckets are wide, so the
+median there is coarse.
 Last, the server's resident memory (VmRSS and its peak, VmHWM) after all requests.
 
     python bench/bench_serving.py --model-dir BUNDLE --checkpoint CHECKPOINT \\
@@ -105,7 +106,7 @@ class ServerSteps:
         return 1000 * self.sums[step] / count if count else 0.0
 
     def median_ms(self, step: str) -> float:
-        """The median, interpolated linearly inside its histogram bucket."""
+        """Return the median of `step` in ms, interpolated linearly inside its histogram bucket."""
         rows = sorted(self.buckets[step])
         half = rows[-1][1] / 2
         lower_bound, lower_count = 0.0, 0.0

@@ -208,8 +208,8 @@ def quantize_int8(in_path: Path, out_path: Path) -> Path:
     stored as uint8 with zero point 128; `MatMulIntegerToFloat` multiplies the int8
     product by the weight scales, and a `Mul` by the token's scale. No scale spans two
     tokens, so a pair's score does not depend on its batch neighbours or on padding.
-    (ONNX Runtime's `quantize_dynamic` takes one activation scale for the whole batch,
-    which moved scores by about 4e-5 with the neighbours.) MatMuls of two computed
+    ONNX Runtime's `quantize_dynamic` takes one activation scale for the whole batch,
+    and that moved scores by about 4e-5 with the neighbours. MatMuls of two computed
     tensors (attention's query-key and value products), embeddings, layer norms and
     Gemm layers (pooler, classifier) stay in fp32. Check the result with
     `ranking_agreement`.
@@ -248,17 +248,16 @@ def quantize_int8(in_path: Path, out_path: Path) -> Path:
             nodes.append(node)
             continue
         num_quantized += 1
-        index = num_quantized
         values = numpy_helper.to_array(weight)
         scales = (np.maximum(np.abs(values).max(axis=0), 1e-12) / 127.0).astype(np.float32)
         ints = np.clip(np.rint(values / scales), -127, 127).astype(np.int8)
-        weight_name, scale_name = f"{_INT8_PREFIX}{index}_weight", f"{_INT8_PREFIX}{index}_scale"
+        weight_name, scale_name = f"{_INT8_PREFIX}{num_quantized}_weight", f"{_INT8_PREFIX}{num_quantized}_scale"
         constants += [numpy_helper.from_array(ints, weight_name), numpy_helper.from_array(scales, scale_name)]
 
         activation = node.input[0]
         if activation not in quantized:  # the query, key and value projections share one
-            nodes += _quantize_per_token(activation, f"{_INT8_PREFIX}{index}", opset)
-            quantized[activation] = (f"{_INT8_PREFIX}{index}_uint8", f"{_INT8_PREFIX}{index}_token_scale")
+            nodes += _quantize_per_token(activation, f"{_INT8_PREFIX}{num_quantized}", opset)
+            quantized[activation] = (f"{_INT8_PREFIX}{num_quantized}_uint8", f"{_INT8_PREFIX}{num_quantized}_token_scale")
         ints_in, token_scale = quantized[activation]
         output = node.output[0]
         nodes += [
@@ -277,9 +276,9 @@ def quantize_int8(in_path: Path, out_path: Path) -> Path:
     del graph.node[:]
     graph.node.extend(nodes)
     used = {name for node in nodes for name in node.input}
-    kept = [tensor for tensor in [*graph.initializer, *constants] if tensor.name in used]
+    initializers = [tensor for tensor in [*graph.initializer, *constants] if tensor.name in used]
     del graph.initializer[:]
-    graph.initializer.extend(kept)
+    graph.initializer.extend(initializers)
     if not any(entry.domain == "com.microsoft" for entry in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -243,8 +243,9 @@ def run_label_augmented(
 ) -> pd.DataFrame:
     """Generate pairs for the training queries and label them, with the judged pairs, by the teacher.
 
-    The output has every judged training pair (`origin` "judged", with its label)
-    and every generated pair (label NaN), each with `teacher_logit` and `teacher_score`.
+    The output has the judged training pairs (`origin` "judged", with its label), all of
+    them unless `augment.max_judged_queries` is set, and every generated pair (label
+    NaN), each with `teacher_logit` and `teacher_score`.
     Shards are scored by parallel worker processes and resume after a crash.
     """
     from crossrank.labeling import label_pairs, pairs_to_label
