@@ -5,9 +5,9 @@ Usage (after `dvc repro` wrote the test scores):
     python bench/gain_share_bootstrap.py --resamples 2000
 
 The gate requires student >= BM25 + share x (teacher - BM25) on NDCG@10 and pairwise
-accuracy over the test queries. Test sets of a few hundred queries are small, so this
-script scores each query on its own with the evaluation harness, resamples queries
-with replacement, and reports how often the student meets the bar and the 90%
+accuracy over the test queries. Test sets of a few hundred queries are small. So this
+script scores each query on its own with the evaluation harness and resamples the
+queries with replacement. It reports how often the student meets the bar and the 90%
 interval of its gain share. The three models are resampled together (paired), so the
 query mix cancels out of the comparison.
 """
