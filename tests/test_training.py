@@ -1,13 +1,17 @@
 import re
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from crossrank.config import parse_params
+from crossrank import schema
+from crossrank.config import StudentConfig, parse_params
 from crossrank.errors import ConfigError
+from crossrank.models import CrossEncoder
 from crossrank.stages import run_distill_student
-from crossrank.training import margin_mse
+from crossrank.training import length_sorted_chunks, margin_groups, margin_mse, student_batches, student_loss
 
 
 def test_margin_mse_by_hand() -> None:
@@ -47,3 +51,37 @@ def test_init_from_teacher_needs_teacher(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         names = ("pairs", "validation", "test", "student", "scores", "metrics", "curve")
         run_distill_student(params, *(tmp_path / name for name in names))
+
+
+def test_length_sorted_chunks() -> None:
+    lengths = np.array([5, 1, 3, 2, 4])
+    assert [chunk.tolist() for chunk in length_sorted_chunks(lengths, 2)] == [[1, 3], [2, 4], [0]]
+    assert [chunk.tolist() for chunk in length_sorted_chunks(lengths, None)] == [[0, 1, 2, 3, 4]]
+
+
+def test_margin_groups_skip_single_item_queries() -> None:
+    groups = margin_groups(np.array(["q1", "q2", "q1", "q3", "q3", "q1"]))
+    assert sorted(group.tolist() for group in groups) == [[0, 2, 5], [3, 4]]
+
+
+def test_chunked_forward_matches_one_pass(checkpoint: Path, judgments: pd.DataFrame) -> None:
+    """Length-sorted chunks change the padding, not the loss or its gradient."""
+    encoder = CrossEncoder.load(checkpoint)
+    encoder.model.eval()  # no dropout, so both passes see the same network
+    encoded = encoder.builder.encode_pairs(judgments[schema.QUERY].tolist(), judgments.to_dict("records"))
+    labels = judgments[schema.LABEL].to_numpy(dtype=np.float32)
+    teacher = labels * 4.0 - 2.0
+    groups = margin_groups(judgments[schema.QUERY_ID].to_numpy())
+
+    def loss_and_gradient(chunk_size: int | None) -> tuple[float, torch.Tensor]:
+        config = StudentConfig(queries_per_batch=6, items_per_query=5, forward_chunk_size=chunk_size)
+        batch = next(iter(student_batches(encoder, encoded, teacher, labels, groups, config, epoch=0)))
+        encoder.model.zero_grad()
+        loss = student_loss(encoder, batch, bce_weight=0.5)
+        loss.backward()
+        return float(loss.detach()), encoder.model.classifier.weight.grad.clone()
+
+    one_pass, one_pass_gradient = loss_and_gradient(None)
+    chunked, chunked_gradient = loss_and_gradient(4)
+    assert chunked == pytest.approx(one_pass, rel=1e-5)
+    assert torch.allclose(chunked_gradient, one_pass_gradient, rtol=1e-4, atol=1e-6)

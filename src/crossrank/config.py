@@ -168,6 +168,11 @@ class StudentConfig(TrainingConfig):
     )
     bce_weight: float = Field(default=0.0, ge=0.0, description="weight of a pointwise BCE term on human labels")
     use_augmented: bool = True
+    forward_chunk_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="items per forward pass, sorted by length so each chunk pads little; None: one pass per batch",
+    )
     init_from_teacher: bool = Field(
         default=False,
         description="start from the trained teacher's first num_layers layers and head instead of the backbone",

@@ -275,8 +275,9 @@ def distill_student(
     against human soft labels is added for judged items.
 
     After training, the classifier bias is shifted so the student's mean logit on
-    the training pairs equals the teacher's: margin-MSE leaves that offset free, and
-    this keeps sigmoid(logit) on the teacher's scale.
+    the training pairs (a seeded sample of up to 20,000) equals the teacher's:
+    margin-MSE leaves that offset free, and this keeps sigmoid(logit) on the
+    teacher's scale.
     """
     _seed_everything(config.seed)
     if config.num_threads:
@@ -289,8 +290,7 @@ def distill_student(
     encoded = encoder.builder.encode_pairs(pairs[schema.QUERY].tolist(), pairs.to_dict("records"))
     teacher = pairs["teacher_logit"].to_numpy(dtype=np.float32)
     labels = pairs[schema.LABEL].to_numpy(dtype=np.float32)
-    groups = [rows.to_numpy() for _, rows in pd.Series(range(len(pairs))).groupby(pairs[schema.QUERY_ID].to_numpy())]
-    groups = [rows for rows in groups if len(rows) >= 2]
+    groups = margin_groups(pairs[schema.QUERY_ID].to_numpy())
     if not groups:
         raise DataError("no query has two or more items to form a margin; check the augmented pairs")
     steps_per_epoch = math.ceil(len(groups) / config.queries_per_batch)
@@ -298,47 +298,97 @@ def distill_student(
     logger.info("student: %d pairs over %d queries, %d steps", len(pairs), len(groups), num_steps)
 
     def batches(epoch: int) -> Iterator[Batch]:
-        rng = np.random.default_rng(config.seed + epoch)
-        order = rng.permutation(len(groups))
-        k = config.items_per_query
-        for start in range(0, len(order), config.queries_per_batch):
-            chosen = [groups[g] for g in order[start : start + config.queries_per_batch]]
-            sampled = [rng.choice(rows, size=min(k, len(rows)), replace=False) for rows in chosen]
-            flat = np.concatenate(sampled)
-            mask = np.zeros((len(sampled), k), dtype=np.float32)
-            index = np.zeros((len(sampled), k), dtype=np.int64)
-            offset = 0
-            for g, rows in enumerate(sampled):
-                mask[g, : len(rows)] = 1.0
-                index[g, : len(rows)] = np.arange(offset, offset + len(rows))
-                offset += len(rows)
-            yield {
-                "inputs": encoder.builder.pad([encoded[i] for i in flat]),
-                "teacher": torch.from_numpy(teacher[flat]),
-                "labels": torch.from_numpy(labels[flat]),
-                "mask": torch.from_numpy(mask),
-                "index": torch.from_numpy(index),
-            }
+        return student_batches(encoder, encoded, teacher, labels, groups, config, epoch)
 
     def loss_of(model: CrossEncoder, batch: Batch) -> torch.Tensor:
-        logits = model.forward(batch["inputs"])  # (items,)
-        student_grid = logits[batch["index"]]  # (groups, k)
-        teacher_grid = batch["teacher"][batch["index"]]
-        loss = margin_mse(student_grid, teacher_grid, batch["mask"])
-        judged = ~torch.isnan(batch["labels"])
-        if config.bce_weight > 0 and judged.any():
-            loss = loss + config.bce_weight * F.binary_cross_entropy_with_logits(logits[judged], batch["labels"][judged])
-        return loss
+        return student_loss(model, batch, config.bce_weight)
 
     result = train_loop(encoder, batches, loss_of, num_steps, validation, config, evaluate, out_dir, run, "student")
-    _align_offset(result.checkpoint, pairs, teacher)
+    _align_offset(result.checkpoint, pairs, teacher, config.seed)
     return result
 
 
-def _align_offset(checkpoint: Path, pairs: pd.DataFrame, teacher: np.ndarray) -> None:
+def margin_groups(query_ids: np.ndarray) -> list[np.ndarray]:
+    """Return the row positions of each query that has two or more items to form a margin."""
+    groups = [rows.to_numpy() for _, rows in pd.Series(range(len(query_ids))).groupby(query_ids)]
+    return [rows for rows in groups if len(rows) >= 2]
+
+
+def length_sorted_chunks(lengths: np.ndarray, chunk_size: int | None) -> list[np.ndarray]:
+    """Split positions 0..len(lengths)-1 into chunks of `chunk_size`, shortest first.
+
+    Each chunk is padded only to its own longest sequence. With `chunk_size` None
+    the result is one chunk in the original order.
+    """
+    if chunk_size is None:
+        return [np.arange(len(lengths))]
+    order = np.argsort(lengths, kind="stable")
+    return [order[start : start + chunk_size] for start in range(0, len(order), chunk_size)]
+
+
+def student_batches(
+    encoder: CrossEncoder,
+    encoded: list[tuple[list[int], list[int]]],
+    teacher: np.ndarray,
+    labels: np.ndarray,
+    groups: list[np.ndarray],
+    config: StudentConfig,
+    epoch: int,
+) -> Iterator[Batch]:
+    """Yield the student's batches of one epoch (see `distill_student` for the sampling).
+
+    A batch's inputs are a list of padded chunks of similar length
+    (`forward_chunk_size`); `positions` maps the concatenated chunk outputs back to
+    the sampled items' order.
+    """
+    rng = np.random.default_rng(config.seed + epoch)
+    order = rng.permutation(len(groups))
+    k = config.items_per_query
+    for start in range(0, len(order), config.queries_per_batch):
+        chosen = [groups[g] for g in order[start : start + config.queries_per_batch]]
+        sampled = [rng.choice(rows, size=min(k, len(rows)), replace=False) for rows in chosen]
+        flat = np.concatenate(sampled)
+        mask = np.zeros((len(sampled), k), dtype=np.float32)
+        index = np.zeros((len(sampled), k), dtype=np.int64)
+        offset = 0
+        for g, rows in enumerate(sampled):
+            mask[g, : len(rows)] = 1.0
+            index[g, : len(rows)] = np.arange(offset, offset + len(rows))
+            offset += len(rows)
+        chunks = length_sorted_chunks(np.array([len(encoded[i][0]) for i in flat]), config.forward_chunk_size)
+        yield {
+            "inputs": [encoder.builder.pad([encoded[flat[j]] for j in chunk]) for chunk in chunks],
+            "positions": torch.from_numpy(np.argsort(np.concatenate(chunks))),
+            "teacher": torch.from_numpy(teacher[flat]),
+            "labels": torch.from_numpy(labels[flat]),
+            "mask": torch.from_numpy(mask),
+            "index": torch.from_numpy(index),
+        }
+
+
+def student_loss(model: CrossEncoder, batch: Batch, bce_weight: float) -> torch.Tensor:
+    """Return margin-MSE (plus the optional pointwise BCE term) of one student batch."""
+    logits = torch.cat([model.forward(chunk) for chunk in batch["inputs"]])[batch["positions"]]  # (items,)
+    student_grid = logits[batch["index"]]  # (groups, k)
+    teacher_grid = batch["teacher"][batch["index"]]
+    loss = margin_mse(student_grid, teacher_grid, batch["mask"])
+    judged = ~torch.isnan(batch["labels"])
+    if bce_weight > 0 and judged.any():
+        loss = loss + bce_weight * F.binary_cross_entropy_with_logits(logits[judged], batch["labels"][judged])
+    return loss
+
+
+ALIGN_SAMPLE_SIZE = 20_000  # pairs whose mean logit sets the student's offset
+
+
+def _align_offset(checkpoint: Path, pairs: pd.DataFrame, teacher: np.ndarray, seed: int) -> None:
     best = CrossEncoder.load(checkpoint)
-    student = best.predict_logits(pairs[schema.QUERY].tolist(), pairs.to_dict("records"))
-    shift = float(np.mean(teacher) - np.mean(student))
+    rows = np.arange(len(pairs))
+    if len(rows) > ALIGN_SAMPLE_SIZE:  # the mean of 20,000 logits is close enough; scoring every pair is not
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=ALIGN_SAMPLE_SIZE, replace=False))
+    sample = pairs.iloc[rows]
+    student = best.predict_logits(sample[schema.QUERY].tolist(), sample.to_dict("records"))
+    shift = float(np.mean(teacher[rows]) - np.mean(student))
     with torch.no_grad():
         best.model.classifier.bias += shift
     metadata_path = checkpoint / "training.json"
