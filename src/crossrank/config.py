@@ -171,7 +171,7 @@ class StudentConfig(TrainingConfig):
     forward_chunk_size: int | None = Field(
         default=None,
         ge=1,
-        description="items per forward pass, sorted by length so each chunk pads little; None: one pass per batch",
+        description="items per forward pass, sorted by length so each chunk pads little (None: one pass per batch)",
     )
     init_from_teacher: bool = Field(
         default=False,

@@ -338,8 +338,8 @@ def student_batches(
     """Yield the student's batches of one epoch (see `distill_student` for the sampling).
 
     A batch's inputs are a list of padded chunks of similar length
-    (`forward_chunk_size`); `positions` maps the concatenated chunk outputs back to
-    the sampled items' order.
+    (`forward_chunk_size`), and `positions` maps the concatenated chunk outputs back
+    to the sampled items' order.
     """
     rng = np.random.default_rng(config.seed + epoch)
     order = rng.permutation(len(groups))
@@ -384,7 +384,8 @@ ALIGN_SAMPLE_SIZE = 20_000  # pairs whose mean logit sets the student's offset
 def _align_offset(checkpoint: Path, pairs: pd.DataFrame, teacher: np.ndarray, seed: int) -> None:
     best = CrossEncoder.load(checkpoint)
     rows = np.arange(len(pairs))
-    if len(rows) > ALIGN_SAMPLE_SIZE:  # the mean of 20,000 logits is close enough; scoring every pair is not
+    # A sample's mean is accurate enough, and scoring every pair would take minutes.
+    if len(rows) > ALIGN_SAMPLE_SIZE:
         rows = np.sort(np.random.default_rng(seed).choice(rows, size=ALIGN_SAMPLE_SIZE, replace=False))
     sample = pairs.iloc[rows]
     student = best.predict_logits(sample[schema.QUERY].tolist(), sample.to_dict("records"))
