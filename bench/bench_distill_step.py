@@ -54,9 +54,15 @@ def main() -> None:
     judgments = pd.read_parquet(args.pairs) if args.pairs else ingest(params.data)
     print(f"{len(judgments)} pairs; machine {platform.machine()}, torch threads {torch.get_num_threads()}")
 
-    variants = [None if value == "none" else int(value) for value in args.chunks.split(",")]
+    variants = []
+    for value in args.chunks.split(","):
+        if value != "none" and not (value.isdigit() and int(value) > 0):
+            parser.error(f"--chunks has an invalid value {value!r}; give positive integers or none, e.g. --chunks none,16")
+        variants.append(None if value == "none" else int(value))
     configs = {size: params.student.model_copy(update={"forward_chunk_size": size}) for size in variants}
-    encoders = {size: CrossEncoder.from_backbone(configs[size].backbone, configs[size].input, configs[size].num_layers) for size in variants}
+    encoders = {}
+    for size in variants:
+        encoders[size] = CrossEncoder.from_backbone(configs[size].backbone, configs[size].input, configs[size].num_layers)
     optimizers = {size: torch.optim.AdamW(encoders[size].model.parameters(), lr=1e-5) for size in variants}
     for encoder in encoders.values():
         encoder.model.train()
@@ -77,7 +83,9 @@ def main() -> None:
         return out
 
     # Every variant samples with the same seed, so the items are the same and only the chunks differ.
-    first = {size: batches(size, 0)[0] for size in variants}
+    first = {}
+    for size in variants:
+        first[size] = next(iter(student_batches(base, encoded, teacher, labels, groups, configs[size], epoch=0)))
     base.model.eval()  # no dropout for the check, so both passes see the same network
     with torch.no_grad():
         reference = float(student_loss(base, first[variants[0]], 0.0))

@@ -83,7 +83,7 @@ def test_chunked_forward_matches_one_pass(checkpoint: Path, judgments: pd.DataFr
 
     one_pass, one_pass_gradient = loss_and_gradient(None)
     chunked, chunked_gradient = loss_and_gradient(4)
-    # Other padding sums in another order: with two threads, gradients of about 0.5
-    # differed by 1e-4. Items mapped back to the wrong rows would differ by far more.
+    # Different padding changes the summation order, so with two threads gradients near
+    # 0.5 differed by 1e-4. A wrong mapping back to the items moves them by about 2.
     assert chunked == pytest.approx(one_pass, rel=1e-4)
     torch.testing.assert_close(chunked_gradient, one_pass_gradient, rtol=1e-3, atol=1e-3)
