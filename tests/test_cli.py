@@ -129,6 +129,23 @@ def test_stopped_repro_fails_its_runs(tmp_path: Path) -> None:
     assert run.info.status == "FAILED"
 
 
+def test_repro_without_activated_venv(tmp_path: Path) -> None:
+    # `.venv/bin/crossrank repro` with the venv not activated used to fail at the first
+    # stage, whose command calls `crossrank` by name: "crossrank: command not found".
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([str(CROSSRANK.with_name("dvc")), "init", "-q"], cwd=tmp_path, check=True)
+    write_params(tmp_path, "tracking:\n  experiment: unactivated\n")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  usage:\n    cmd: crossrank --help > usage.txt\n", encoding="utf-8")
+    venv = str(CROSSRANK.parent)
+    path = os.pathsep.join(entry for entry in os.environ["PATH"].split(os.pathsep) if entry != venv)
+    env = {name: value for name, value in os.environ.items() if name != "MLFLOW_TRACKING_URI"} | {"PATH": path}
+
+    completed = subprocess.run([str(CROSSRANK), "repro"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "usage: crossrank" in (tmp_path / "usage.txt").read_text(encoding="utf-8")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
