@@ -1,4 +1,5 @@
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -6,12 +7,20 @@ import pandas as pd
 import pytest
 import torch
 
-from crossrank import schema
-from crossrank.config import StudentConfig, parse_params
+from crossrank import schema, training
+from crossrank.config import EvaluateConfig, StudentConfig, parse_params
 from crossrank.errors import ConfigError
 from crossrank.models import CrossEncoder
 from crossrank.stages import run_distill_student
-from crossrank.training import length_sorted_chunks, margin_groups, margin_mse, student_batches, student_loss
+from crossrank.training import (
+    WeightAverage,
+    length_sorted_chunks,
+    margin_groups,
+    margin_mse,
+    student_batches,
+    student_loss,
+    train_loop,
+)
 
 
 def test_margin_mse_by_hand() -> None:
@@ -87,3 +96,56 @@ def test_chunked_forward_matches_one_pass(checkpoint: Path, judgments: pd.DataFr
     # 0.5 differed by 1e-4. A wrong mapping back to the items moves them by about 2.
     assert chunked == pytest.approx(one_pass, rel=1e-4)
     torch.testing.assert_close(chunked_gradient, one_pass_gradient, rtol=1e-3, atol=1e-3)
+
+
+def test_weight_average_by_hand() -> None:
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    average = WeightAverage(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(11.0)
+    average.update(model)  # d_1 = min(0.5, 2 / 11): 0 + (11 - 0) * 9 / 11 = 9
+    with torch.no_grad():
+        model.weight.fill_(13.0)
+    average.update(model)  # d_2 = min(0.5, 3 / 12) = 0.25: 9 + (13 - 9) * 0.75 = 12
+    assert average.shadow["weight"].item() == pytest.approx(12.0)
+    with average.applied(model):
+        assert model.weight.item() == pytest.approx(12.0)
+    assert model.weight.item() == 13.0  # the trained weights come back after the block
+
+
+def test_train_loop_saves_averaged_weights(
+    tmp_path: Path, judgments: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ema_decay, each checkpoint contains the average of the weights after every step."""
+    config = StudentConfig(
+        num_layers=1, max_steps=3, eval_every_steps=1, learning_rate=1e-2, warmup_ratio=0.0, ema_decay=0.5
+    )
+    encoder = CrossEncoder.from_backbone(config.backbone, config.input, config.num_layers)
+    encoded = encoder.builder.encode_pairs(judgments[schema.QUERY].tolist(), judgments.to_dict("records"))
+    labels = judgments[schema.LABEL].to_numpy(dtype=np.float32)
+    groups = margin_groups(judgments[schema.QUERY_ID].to_numpy())
+    seen: list[torch.Tensor] = []  # classifier weights before each step
+
+    def loss_of(model: CrossEncoder, batch: dict) -> torch.Tensor:
+        seen.append(model.model.classifier.weight.detach().clone())
+        return student_loss(model, batch, bce_weight=1.0)
+
+    # Each evaluation scores better than the last, so every one writes a checkpoint.
+    rising = iter(range(100))
+    monkeypatch.setattr(training, "validation_ndcg", lambda *args: float(next(rising)))
+
+    def batches(epoch: int) -> Iterator[dict]:
+        return student_batches(encoder, encoded, labels, labels, groups, config, epoch)
+
+    train_loop(encoder, batches, loss_of, 3, judgments, config, EvaluateConfig(), tmp_path, None, "student")
+
+    trained = [*seen[1:], encoder.model.classifier.weight.detach()]
+    expected = seen[0]
+    for update, weights in enumerate(trained, start=1):
+        decay = min(0.5, (1 + update) / (10 + update))
+        expected = decay * expected + (1 - decay) * weights
+    saved = CrossEncoder.load(tmp_path).model.classifier.weight.detach()
+    torch.testing.assert_close(saved, expected)
+    assert not torch.allclose(saved, trained[-1])  # the average, not the last trained weights

@@ -127,6 +127,15 @@ class TrainingConfig(StageConfig):
     eval_every_steps: int = Field(default=200, ge=1)
     patience: int = Field(default=3, ge=1, description="evaluations without a better validation NDCG@10")
     max_validation_queries: int | None = Field(default=300, ge=1)
+    ema_decay: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description=(
+            "decay of an exponential moving average of the weights that is evaluated and saved "
+            "in their place (None: save the trained weights)"
+        ),
+    )
     num_threads: int | None = Field(default=None, ge=1, description="torch threads; None keeps its default")
     seed: int = 13
 

@@ -2,7 +2,8 @@
 
 Both share one loop: AdamW with linear warm-up and decay, evaluation of NDCG@10 on
 validation queries every `eval_every_steps`, a checkpoint at each improvement and
-early stopping after `patience` evaluations without one.
+early stopping after `patience` evaluations without one. With `ema_decay` set, the
+evaluated and saved weights are an exponential moving average of the trained ones.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,46 @@ class TrainResult:
         }
 
 
+class WeightAverage:
+    """Exponential moving average of a model's trainable parameters.
+
+    After update t the average moves towards the weights by 1 - d_t with
+    d_t = min(decay, (1 + t) / (10 + t)), so early updates, when the average still
+    contains the starting weights, weigh more. `applied` swaps the average into the
+    model for evaluation or saving and restores the trained weights after.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        """Move the average one step towards the model's current weights."""
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for name, parameter in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(parameter.detach(), 1.0 - decay)
+
+    @contextmanager
+    def applied(self, model: torch.nn.Module) -> Iterator[None]:
+        """Swap the averaged weights into `model` for the block, then restore the trained ones."""
+        trained = {name: p.detach().clone() for name, p in model.named_parameters() if name in self.shadow}
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name in self.shadow:
+                    parameter.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if name in trained:
+                        parameter.copy_(trained[name])
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -136,8 +178,15 @@ def train_loop(
     losses: list[float] = []
     best_ndcg, best_step, evals_without_gain, step = -math.inf, 0, 0, 0
     smoothed_loss: float | None = None
+    average = WeightAverage(encoder.model, config.ema_decay) if config.ema_decay else None
 
     def evaluate_and_checkpoint() -> bool:
+        if average is None:
+            return evaluate_and_save()
+        with average.applied(encoder.model):
+            return evaluate_and_save()
+
+    def evaluate_and_save() -> bool:
         nonlocal best_ndcg, best_step, evals_without_gain
         ndcg = validation_ndcg(encoder, validation, evaluate)
         history.append({"step": step, "loss": smoothed_loss or 0.0, "validation_ndcg@10": ndcg})
@@ -163,6 +212,8 @@ def train_loop(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if average is not None:
+                average.update(encoder.model)
             step += 1
             progress.update(1)
 
