@@ -50,6 +50,15 @@ def test_every_subcommand_has_help(command: str, tmp_path: Path) -> None:
     assert f"usage: crossrank {command}" in completed.stdout
 
 
+def test_pipeline_compile_rejects_profile(tmp_path: Path) -> None:
+    # `pipeline compile --profile full --params missing.yaml` used to exit 0 and write
+    # the same pipeline as without them: the compiled pipeline reads no parameter file.
+    completed = run_cli("pipeline", "compile", "--profile", "full", "--params", "missing.yaml", cwd=tmp_path)
+    assert completed.returncode == 2
+    assert "unrecognized arguments: --profile full --params missing.yaml" in completed.stderr
+    assert not (tmp_path / "crossrank_pipeline.yaml").exists()
+
+
 def test_missing_data_folder_one_line(tmp_path: Path) -> None:
     write_params(tmp_path, "data:\n  path: data/homedepot\n")
     completed = run_cli("ingest", cwd=tmp_path)

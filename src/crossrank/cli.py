@@ -289,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distill a cross-encoder re-ranker from human relevance labels, gate, export, serve and monitor it.",
     )
     parser.add_argument("--version", action="version", version=f"crossrank {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    common = argparse.ArgumentParser(add_help=False, parents=[verbose])
     common.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     common.add_argument(
         "--profile",
@@ -298,7 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="profile to apply (default: the `profile` key of the parameter file)",
     )
     common.add_argument("--root", default=".", help="project root that stage paths are relative to (default: .)")
-    common.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Handler, summary: str) -> argparse.ArgumentParser:
@@ -330,13 +331,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipeline_commands = pipeline.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
 
-    def add_pipeline(name: str, handler: Handler, summary: str) -> argparse.ArgumentParser:
-        sub = pipeline_commands.add_parser(name, parents=[common], help=summary, description=summary)
+    def add_pipeline(
+        name: str, handler: Handler, summary: str, parents: Sequence[argparse.ArgumentParser] = (common,)
+    ) -> argparse.ArgumentParser:
+        sub = pipeline_commands.add_parser(name, parents=list(parents), help=summary, description=summary)
         sub.set_defaults(handler=handler)
         return sub
 
     image_help = "container image of every component, built from the Dockerfile"
-    compile_cmd = add_pipeline("compile", _cmd_pipeline_compile, "Write the pipeline as KFP v2 IR YAML.")
+    compile_cmd = add_pipeline(
+        "compile",
+        _cmd_pipeline_compile,
+        "Write the pipeline as KFP v2 IR YAML. Its inputs params_yaml (the text of a params.yaml) "
+        "and data_path are set per run, e.g. by `crossrank pipeline submit`.",
+        parents=(verbose,),
+    )
     compile_cmd.add_argument("--output", default="crossrank_pipeline.yaml", help="output file (default: crossrank_pipeline.yaml)")
     compile_cmd.add_argument("--image", default="ghcr.io/crossrank/crossrank:0.1.0", help=image_help)
     run_cmd = add_pipeline("run", _cmd_pipeline_run, "Run the pipeline with the kfp local runner in this environment.")
