@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import platform
+import statistics
 import time
 from pathlib import Path
 

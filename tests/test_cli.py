@@ -22,6 +22,13 @@ def write_params(folder: Path, text: str) -> None:
     (folder / "params.yaml").write_text(text, encoding="utf-8")
 
 
+def init_dvc_project(folder: Path, experiment: str) -> None:
+    """Make `folder` a git + DVC project whose MLflow runs go to `experiment`."""
+    subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
+    subprocess.run([str(CROSSRANK.with_name("dvc")), "init", "-q"], cwd=folder, check=True)
+    write_params(folder, f"tracking:\n  experiment: {experiment}\n")
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -52,7 +59,7 @@ def test_every_subcommand_has_help(command: str, tmp_path: Path) -> None:
 
 def test_pipeline_compile_rejects_profile(tmp_path: Path) -> None:
     # `pipeline compile --profile full --params missing.yaml` used to exit 0 and write
-    # the same pipeline as without them: the compiled pipeline reads no parameter file.
+    # the same pipeline as without them, because the compiled pipeline reads no parameter file.
     completed = run_cli("pipeline", "compile", "--profile", "full", "--params", "missing.yaml", cwd=tmp_path)
     assert completed.returncode == 2
     assert "unrecognized arguments: --profile full --params missing.yaml" in completed.stderr
@@ -108,9 +115,7 @@ def test_stopped_repro_fails_its_runs(tmp_path: Path) -> None:
     # A `crossrank repro` stopped with SIGTERM used to leave its MLflow runs RUNNING for
     # good, and its stage process went on. PATH here lacks the venv, so
     # this also checks that `crossrank repro` finds the dvc installed beside its Python.
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run([str(CROSSRANK.with_name("dvc")), "init", "-q"], cwd=tmp_path, check=True)
-    write_params(tmp_path, "tracking:\n  experiment: stopped\n")
+    init_dvc_project(tmp_path, experiment="stopped")
     stage = "import os, time; open('stage.pid', 'w').write(str(os.getpid())); time.sleep(120)"
     (tmp_path / "dvc.yaml").write_text(f'stages:\n  wait:\n    cmd: {sys.executable} -c "{stage}"\n', encoding="utf-8")
 
@@ -141,9 +146,7 @@ def test_stopped_repro_fails_its_runs(tmp_path: Path) -> None:
 def test_repro_without_activated_venv(tmp_path: Path) -> None:
     # `.venv/bin/crossrank repro` with the venv not activated used to fail at the first
     # stage, whose command calls `crossrank` by name: "crossrank: command not found".
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run([str(CROSSRANK.with_name("dvc")), "init", "-q"], cwd=tmp_path, check=True)
-    write_params(tmp_path, "tracking:\n  experiment: unactivated\n")
+    init_dvc_project(tmp_path, experiment="unactivated")
     (tmp_path / "dvc.yaml").write_text("stages:\n  usage:\n    cmd: crossrank --help > usage.txt\n", encoding="utf-8")
     venv = str(CROSSRANK.parent)
     path = os.pathsep.join(entry for entry in os.environ["PATH"].split(os.pathsep) if entry != venv)

@@ -195,10 +195,11 @@ def _cmd_repro(args: argparse.Namespace) -> int:
     command = [_dvc_executable(), "repro", *args.dvc_args]
     with pipeline_run(params.tracking, params.profile, Path(args.root)) as parent_run_id:
         logger.info("running %s under MLflow parent run %s", " ".join(command), parent_run_id)
-        # Stage commands call `crossrank` by name: put this install's scripts first on
-        # PATH, so they run the same install when its venv is not activated.
-        scripts = str(Path(sys.executable).parent)
-        env = {**os.environ, PARENT_RUN_ENV: parent_run_id, "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")])}
+        # Stage commands call `crossrank` by name, so this install's scripts go first on
+        # PATH. Then the stages run this install even when its venv is not activated.
+        # An empty PATH gets no empty entry, which would search the working directory.
+        path = [str(Path(sys.executable).parent), *filter(None, os.environ.get("PATH", "").split(os.pathsep))]
+        env = {**os.environ, PARENT_RUN_ENV: parent_run_id, "PATH": os.pathsep.join(path)}
         # dvc and its stage commands get a process group of their own, so a SIGTERM
         # or Ctrl-C here reaches all of them and every MLflow run ends FAILED.
         process = subprocess.Popen(command, cwd=args.root, env=env, start_new_session=True)

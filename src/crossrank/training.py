@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,25 +111,24 @@ class WeightAverage:
         """Move the average one step towards the model's current weights."""
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for name, parameter in model.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(parameter.detach(), 1.0 - decay)
+        parameters = dict(model.named_parameters())
+        for name, average in self.shadow.items():
+            average.lerp_(parameters[name].detach(), 1.0 - decay)
 
     @contextmanager
     def applied(self, model: torch.nn.Module) -> Iterator[None]:
         """Swap the averaged weights into `model` for the block, then restore the trained ones."""
-        trained = {name: p.detach().clone() for name, p in model.named_parameters() if name in self.shadow}
+        parameters = dict(model.named_parameters())
+        trained = {name: parameters[name].detach().clone() for name in self.shadow}
         with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if name in self.shadow:
-                    parameter.copy_(self.shadow[name])
+            for name, average in self.shadow.items():
+                parameters[name].copy_(average)
         try:
             yield
         finally:
             with torch.no_grad():
-                for name, parameter in model.named_parameters():
-                    if name in trained:
-                        parameter.copy_(trained[name])
+                for name, weights in trained.items():
+                    parameters[name].copy_(weights)
 
 
 def _seed_everything(seed: int) -> None:
@@ -181,22 +180,18 @@ def train_loop(
     average = WeightAverage(encoder.model, config.ema_decay) if config.ema_decay else None
 
     def evaluate_and_checkpoint() -> bool:
-        if average is None:
-            return evaluate_and_save()
-        with average.applied(encoder.model):
-            return evaluate_and_save()
-
-    def evaluate_and_save() -> bool:
         nonlocal best_ndcg, best_step, evals_without_gain
-        ndcg = validation_ndcg(encoder, validation, evaluate)
-        history.append({"step": step, "loss": smoothed_loss or 0.0, "validation_ndcg@10": ndcg})
-        if run is not None:
-            run.log_metrics({"validation_ndcg@10": ndcg}, step=step)
-        logger.info("%s step %d: loss %.4f, validation NDCG@10 %.4f", name, step, smoothed_loss or 0.0, ndcg)
-        if ndcg > best_ndcg:
-            best_ndcg, best_step, evals_without_gain = ndcg, step, 0
-            encoder.save(out_dir, metadata={"step": step, "validation_ndcg@10": ndcg})
-            return False
+        # The averaged weights, when there are any, are both scored and saved.
+        with average.applied(encoder.model) if average is not None else nullcontext():
+            ndcg = validation_ndcg(encoder, validation, evaluate)
+            history.append({"step": step, "loss": smoothed_loss or 0.0, "validation_ndcg@10": ndcg})
+            if run is not None:
+                run.log_metrics({"validation_ndcg@10": ndcg}, step=step)
+            logger.info("%s step %d: loss %.4f, validation NDCG@10 %.4f", name, step, smoothed_loss or 0.0, ndcg)
+            if ndcg > best_ndcg:
+                best_ndcg, best_step, evals_without_gain = ndcg, step, 0
+                encoder.save(out_dir, metadata={"step": step, "validation_ndcg@10": ndcg})
+                return False
         evals_without_gain += 1
         return evals_without_gain >= config.patience
 
